@@ -1,0 +1,232 @@
+"""Config schemas of the non-plugin groups, and their registration with Hydra.
+
+Every Hydra group except ``reward`` and ``experiment`` is generated from a
+dataclass (the single source of truth for names, defaults and help text):
+
+- ``algorithm``, ``model``, ``sampler``, ``data``: one option per registered
+  plugin (``algorithm=grpo`` is ``algorithms/grpo.py``'s ``Config``), with a
+  ``name`` key naming the plugin;
+- ``trainer``, ``optim``, ``execution``, ``logger``: the dataclasses below.
+
+``reward`` options are presets in ``conf/reward/*.yaml`` (which reward plugins
+score which task kind); ``experiment`` options are presets in
+``conf/experiment/*.yaml``. See every value with ``coderlplus-train --cfg job``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coderlplus.registry import (
+    ALGORITHMS,
+    MODELS,
+    SAMPLERS,
+    TASK_SOURCES,
+    ConfigError,
+    Registry,
+    config_defaults,
+)
+
+PLUGIN_GROUPS: dict[str, Registry] = {
+    "algorithm": ALGORITHMS,
+    "model": MODELS,
+    "sampler": SAMPLERS,
+    "data": TASK_SOURCES,
+}
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 40
+    """Number of RL steps (one step = sample, score, update)."""
+    prompts_per_step: int = 16
+    """Prompts per step; each gets group_size rollouts."""
+    group_size: int = 8
+    """Rollouts per prompt (G)."""
+    micro_batch_size: int = 64
+    """Rollouts per forward/backward pass (gradient accumulation over the mini-batch)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only before the first and after the last step)."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    resume: Any = False
+    """false, auto (latest checkpoint of this run dir) or a checkpoint path."""
+    recompute_old_logp: bool = False
+    """Recompute old log-probs with a forward pass instead of taking the sampler's (exact when the
+    sampler shares the policy's weights, as the hf sampler does)."""
+    eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
+    """Splits evaluated with greedy pass@1; eval/pass@1 is the last one."""
+    eval_max_tasks: int | None = None
+    """Evaluate on at most this many tasks per split (None = all)."""
+    log_entropy: bool = True
+    """Log the policy's token entropy (one softmax per token)."""
+    threads: int | None = None
+    """torch CPU threads (None = torch's default)."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    progress: bool = True
+    """Show a rich progress bar."""
+
+    def __post_init__(self):
+        for name in ("max_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        for name in ("prompts_per_step", "group_size", "micro_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.resume not in (False, None, "false", "auto") and not Path(str(self.resume)).exists():
+            raise ConfigError(
+                f"trainer.resume={self.resume!r} is not a checkpoint folder; use false, auto or an existing path"
+            )
+        for s in self.eval_splits:
+            if s not in ("train", "validation", "test"):
+                raise ConfigError(f"trainer.eval_splits: unknown split {s!r}; use train, validation or test")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    warmup_steps: int = 0
+    """Linear warm-up over this many optimiser steps."""
+    schedule: str = "constant"
+    """constant or cosine (decay to 10% over trainer.max_steps)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}; choose constant or cosine")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.grad_clip and optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class ExecutionConfig:
+    timeout_s: float = 2.0
+    """Wall-clock limit per program run."""
+    memory_mb: int = 512
+    """Address-space limit per program."""
+    max_output_bytes: int = 65536
+    """Stdout/stderr cap per program."""
+    workers: int | None = None
+    """Warm worker processes (None = number of CPU cores)."""
+
+    def __post_init__(self):
+        if self.timeout_s <= 0 or self.memory_mb < 16 or self.max_output_bytes < 1:
+            raise ConfigError("execution: timeout_s must be > 0, memory_mb >= 16, max_output_bytes >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("execution.workers must be >= 1 (or null for one per core)")
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "auto"
+    """auto (online with WANDB_API_KEY, else offline; $WANDB_MODE wins), online, offline or disabled."""
+    project: str = "coderlplus"
+    """W&B project."""
+    group: str | None = None
+    """W&B group (sweeps group their runs)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    name: str | None = None
+    """Run name (default: the run directory's name)."""
+
+    def __post_init__(self):
+        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb_mode={self.wandb_mode!r}; choose auto, online, offline or disabled")
+
+
+STATIC_GROUPS: dict[str, dict[str, Any]] = {
+    "trainer": {"default": TrainerConfig()},
+    "optim": {"adamw": OptimConfig()},
+    "execution": {"local": ExecutionConfig()},
+    "logger": {"wandb": LoggerConfig(), "none": LoggerConfig(wandb_mode="disabled")},
+}
+STATIC_SCHEMAS = {group: type(next(iter(opts.values()))) for group, opts in STATIC_GROUPS.items()}
+
+
+def register_hydra_configs() -> None:
+    """Store every dataclass-backed option in Hydra's ConfigStore (call after ``load_plugins``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, registry in PLUGIN_GROUPS.items():
+        for name in registry.names():
+            cls = registry.config_class(name)
+            cs.store(group=group, name=name, node={"name": name, **(config_defaults(cls) if cls else {})})
+    for group, options in STATIC_GROUPS.items():
+        for name, value in options.items():
+            cs.store(group=group, name=name, node=dataclasses.asdict(value))
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` folder of the checkout."""
+    from coderlplus.plugins import project_root
+
+    return project_root() / "conf"
+
+
+@dataclass
+class ResolvedConfig:
+    """The validated config: one dataclass per group plus the names of the chosen plugins."""
+
+    seed: int
+    algorithm_name: str
+    algorithm: Any
+    model_name: str
+    model: Any
+    sampler_name: str
+    sampler: Any
+    data_name: str
+    data: Any
+    reward: dict[str, dict[str, dict[str, Any]]]
+    trainer: TrainerConfig
+    optim: OptimConfig
+    execution: ExecutionConfig
+    logger: LoggerConfig
+
+
+def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
+    """Validate a composed config (a plain dict) into dataclasses; raise ConfigError on any problem."""
+    known = {"seed", "reward", *PLUGIN_GROUPS, *STATIC_SCHEMAS}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"unknown top-level config keys {unknown}; valid keys: {sorted(known)}")
+    out: dict[str, Any] = {"seed": int(cfg.get("seed", 0))}
+    for group, registry in PLUGIN_GROUPS.items():
+        values = dict(cfg.get(group) or {})
+        name = values.pop("name", None)
+        if name is None:
+            raise ConfigError(f"{group}: no 'name' key; pick one with {group}=<one of {registry.names()}>")
+        registry.get(name)  # unknown name -> lists the valid ones
+        out[f"{group}_name"] = name
+        out[group] = registry.make_config(name, values, where=f"{group}={name}")
+    from coderlplus.registry import build_config
+
+    for group, schema in STATIC_SCHEMAS.items():
+        out[group] = build_config(schema, dict(cfg.get(group) or {}), where=group)
+    reward = cfg.get("reward") or {}
+    if not isinstance(reward, dict) or not reward:
+        raise ConfigError("reward: expected a mapping task kind -> {reward name: options}, e.g. reward=outcome")
+    out["reward"] = reward
+    return ResolvedConfig(**out)

@@ -1,0 +1,53 @@
+"""Code-generation evaluation: greedy pass@1 and the unbiased pass@k estimator.
+
+Independent of the reward plugins: a program passes when it prints the
+expected output on every test, whatever reward the run trains with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from coderlplus.execution import compare_output, extract_code
+from coderlplus.sampler.base import Sampler, SamplingParams
+from coderlplus.types import Rollout, Task
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021): ``1 - C(n-c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def programs_pass(rollouts: list[Rollout], sandbox) -> list[bool]:
+    """Whether each rollout's last python block passes all its task's tests."""
+    jobs, owners = [], []
+    codes = [extract_code(r.completion) for r in rollouts]
+    for i, (r, code) in enumerate(zip(rollouts, codes)):
+        if code is None:
+            continue
+        for t in r.task.payload["tests"]:
+            jobs.append((code, t["input"]))
+            owners.append((i, t["output"]))
+    results = sandbox.run_many(jobs) if jobs else []
+    ok = [code is not None for code in codes]
+    for (i, expected), res in zip(owners, results):
+        if res.status != "ok" or not compare_output(res.stdout, expected):
+            ok[i] = False
+    return ok
+
+
+@dataclass
+class EvalResult:
+    pass_at_1: float
+    rollouts: list[Rollout]
+    passed: list[bool]
+
+
+def greedy_pass_at_1(sampler: Sampler, tasks: list[Task], sandbox, max_new_tokens: int) -> EvalResult:
+    rollouts = sampler.generate(tasks, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    passed = programs_pass(rollouts, sandbox)
+    return EvalResult(sum(passed) / max(1, len(passed)), rollouts, passed)

@@ -1,0 +1,346 @@
+"""The training loop: sample -> score -> advantages -> update -> log / evaluate / checkpoint.
+
+Every box is a plugin or a small module; this file only wires them (DESIGN §3).
+Shapes: B rollouts (= prompts_per_step * group_size), P prompt tokens, T response tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from coderlplus.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from coderlplus.config import ResolvedConfig
+from coderlplus.evaluation import greedy_pass_at_1
+from coderlplus.execution import Sandbox
+from coderlplus.logger import RunLogger
+from coderlplus.ops import micro_batch_weight, sequence_logprobs
+from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
+from coderlplus.reward import RewardRouter
+from coderlplus.sampler.base import encode_prompts
+from coderlplus.types import RewardOutput, Rollout, RolloutBatch, Task
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_batch(rollouts: list[Rollout], scores: list[RewardOutput], pad_id: int) -> RolloutBatch:
+    """Pack rollouts into tensors: prompts left-padded to P, responses right-padded to T."""
+    P = max(len(r.prompt_ids) for r in rollouts)
+    T = max(1, max(len(r.response_ids) for r in rollouts))
+    B = len(rollouts)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    old_logp = torch.zeros((B, T))
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        input_ids[i, P - p : P] = torch.tensor(r.prompt_ids)
+        input_ids[i, P : P + n] = torch.tensor(r.response_ids, dtype=torch.long)
+        attention_mask[i, P - p : P + n] = 1
+        old_logp[i, :n] = torch.tensor(r.logprobs)
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=attention_mask[:, P:].float(),
+        rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32),
+        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+        old_logp=old_logp,
+        task_kinds=[r.task.kind for r in rollouts],
+    )
+
+
+def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_size: int) -> dict[str, float]:
+    rewards = np.array([s.reward for s in scores])
+    statuses = [s.info.get("outcome", {}).get("status") for s in scores]
+    judged = [st for st in statuses if st is not None]
+    m = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "response/length_mean": float(np.mean([len(r.response_ids) for r in rollouts])),
+        "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+        "errors/reward": float(sum("error" in str(s.info) for s in scores)),
+    }
+    if judged:
+        m["reward/pass_rate"] = sum(st == "pass" for st in judged) / len(judged)
+        for st in sorted(set(judged)):
+            m[f"reward/status/{st}"] = sum(x == st for x in judged) / len(judged)
+    groups = rewards.reshape(-1, group_size)
+    m["batch/groups_with_signal"] = float((groups.std(axis=1) > 0).mean())
+    return m
+
+
+class Trainer:
+    def __init__(self, cfg: ResolvedConfig, run_dir: str | Path, full_config: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tc = cfg.trainer
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        seed_everything(cfg.seed)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
+        )
+
+        # Components, each from its registry (no if/elif on plugin names).
+        self.policy, self.tokenizer = MODELS.get(cfg.model_name)(cfg.model).load()
+        self.policy.to(self.device)
+        self.algo = ALGORITHMS.get(cfg.algorithm_name)()
+        self.reference = None
+        if self.algo.needs_reference(cfg.algorithm):
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer)
+        self.sandbox = Sandbox(
+            timeout_s=cfg.execution.timeout_s,
+            memory_mb=cfg.execution.memory_mb,
+            max_output_bytes=cfg.execution.max_output_bytes,
+            workers=cfg.execution.workers,
+        )
+        self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
+        source = TASK_SOURCES.get(cfg.data_name)(cfg.data)
+        max_prompt = getattr(cfg.model, "max_prompt_tokens", None)
+        self.train_tasks = self._fit_prompts(source.load("train"), "train", max_prompt)
+        self.eval_tasks = {
+            s: self._fit_prompts(source.load(s), s, max_prompt)[: tc.eval_max_tasks] for s in tc.eval_splits
+        }
+
+        oc = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
+        )
+        updates = max(1, tc.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._lr_factor(s, updates))
+        self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
+        self.step = 0
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _fit_prompts(self, tasks: list[Task], split: str, max_prompt: int | None) -> list[Task]:
+        if not max_prompt:
+            return tasks
+        lengths = [len(p) for p in encode_prompts(self.tokenizer, tasks)]
+        kept = [t for t, n in zip(tasks, lengths) if n <= max_prompt]
+        if len(kept) < len(tasks):
+            log.warning(
+                "%s: dropped %d of %d prompts longer than model.max_prompt_tokens=%d",
+                split, len(tasks) - len(kept), len(tasks), max_prompt,
+            )
+        if not kept:
+            raise ValueError(f"{split}: every prompt is longer than model.max_prompt_tokens={max_prompt}")
+        return kept
+
+    def _lr_factor(self, update: int, total: int) -> float:
+        oc = self.cfg.optim
+        if update < oc.warmup_steps:
+            return (update + 1) / oc.warmup_steps
+        if oc.schedule == "cosine":
+            progress = min(1.0, (update - oc.warmup_steps) / max(1, total - oc.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume in (False, None, "false"):
+            return
+        if resume == "auto":
+            found = list_checkpoints(self.run_dir)
+            if not found:
+                log.warning("trainer.resume=auto: no checkpoint in %s; starting from scratch", self.run_dir)
+                return
+            path = found[-1]
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        log.warning("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def next_tasks(self, step: int) -> list[Task]:
+        """The prompts of ``step`` (1-based): a seeded reshuffle of the train set per epoch."""
+        n, k = len(self.train_tasks), self.cfg.trainer.prompts_per_step
+        out = []
+        for pos in range((step - 1) * k, step * k):
+            epoch, i = divmod(pos, n)
+            order = list(range(n))
+            random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
+            out.append(self.train_tasks[order[i]])
+        return out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        tc, ac = self.cfg.trainer, self.cfg.algorithm
+        t0 = time.perf_counter()
+        rollouts = self.sampler.generate(self.next_tasks(step), tc.group_size)
+        t1 = time.perf_counter()
+        scores = self.reward(rollouts)
+        t2 = time.perf_counter()
+        batch = make_batch(rollouts, scores, self.tokenizer.pad_token_id)
+        if self.reference is not None:
+            batch.ref_logp = self._logprobs(self.reference, batch)
+        if tc.recompute_old_logp:
+            batch.old_logp = self._logprobs(self.policy, batch)
+        adv = self.algo.compute_advantages(batch, ac)  # (B, T)
+        t3 = time.perf_counter()
+        metrics = self._update(batch, adv)
+        self.sampler.update_weights()
+        t4 = time.perf_counter()
+        metrics |= reward_metrics(rollouts, scores, tc.group_size)
+        metrics |= {
+            "timing/sample_s": t1 - t0,
+            "timing/reward_s": t2 - t1,
+            "timing/logprob_s": t3 - t2,
+            "timing/update_s": t4 - t3,
+            "timing/step_s": t4 - t0,
+        }
+        return metrics
+
+    @torch.no_grad()
+    def _logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """Teacher-forced log-probs ``[B, T]`` of the response tokens, micro-batched."""
+        T, mb = batch.response_mask.shape[1], self.cfg.trainer.micro_batch_size
+        out = []
+        for s in range(0, len(batch), mb):
+            ids = batch.input_ids[s : s + mb].to(self.device)
+            am = batch.attention_mask[s : s + mb].to(self.device)
+            logp, _ = sequence_logprobs(model, ids, am, T, self.cfg.sampler.temperature)
+            out.append(logp.cpu())
+        return torch.cat(out)
+
+    def _update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
+        """Epochs x mini-batches of optimiser steps; micro-batches accumulate gradients."""
+        tc, ac = self.cfg.trainer, self.cfg.algorithm
+        B, T = batch.response_mask.shape
+        want_entropy = ac.entropy_coef > 0 or tc.log_entropy
+        sums: dict[str, float] = defaultdict(float)
+        n_updates = 0
+        self.policy.train()
+        for _epoch in range(ac.epochs):
+            order = torch.randperm(B) if ac.mini_batches > 1 else torch.arange(B)
+            for mini in order.chunk(ac.mini_batches):
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in mini.split(tc.micro_batch_size):
+                    sub = batch.select(micro)
+                    logp, entropy = sequence_logprobs(
+                        self.policy,
+                        sub.input_ids.to(self.device),
+                        sub.attention_mask.to(self.device),
+                        T,
+                        self.cfg.sampler.temperature,
+                        with_entropy=want_entropy,
+                        entropy_grad=ac.entropy_coef > 0,
+                    )
+                    sub = _to_device(sub, self.device)
+                    loss, m = self.algo.policy_loss(logp, sub, adv[micro].to(self.device), ac, entropy=entropy)
+                    w = micro_batch_weight(sub.response_mask, batch.response_mask[mini], ac.loss_agg)
+                    (loss * w).backward()
+                    for k, v in m.items():
+                        sums[k] += w * v
+                    if entropy is not None:
+                        sums["actor/entropy"] += w * float(
+                            (entropy.detach() * sub.response_mask).sum() / sub.response_mask.sum().clamp(min=1)
+                        )
+                grad_clip = self.cfg.optim.grad_clip or float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), grad_clip)
+                sums["actor/grad_norm"] += float(grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                n_updates += 1
+        self.policy.eval()
+        metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        metrics = {}
+        eval_dir = self.run_dir / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        for split, tasks in self.eval_tasks.items():
+            res = greedy_pass_at_1(self.sampler, tasks, self.sandbox, self.cfg.sampler.max_new_tokens)
+            metrics[f"eval/{split}/pass@1"] = res.pass_at_1
+            metrics["eval/pass@1"] = res.pass_at_1  # the last split (test by default)
+            with (eval_dir / f"{split}_step{step:06d}.jsonl").open("w") as f:
+                for r, ok in zip(res.rollouts, res.passed):
+                    f.write(json.dumps({"id": r.task.id, "passed": ok, "completion": r.completion}) + "\n")
+        return metrics
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.policy,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            {"seed": self.cfg.seed},
+            keep_last=self.cfg.trainer.keep_last,
+        )
+
+    def fit(self) -> dict[str, Any]:
+        from coderlplus.progress import TrainProgress
+
+        tc = self.cfg.trainer
+        t_start = time.time()
+        start_step = self.step
+        before = self.evaluate(self.step)
+        self._record(before, self.step)
+        with TrainProgress(tc.max_steps, start_step, enabled=tc.progress) as progress:
+            for step in range(start_step + 1, tc.max_steps + 1):
+                metrics = self.train_step(step)
+                self.step = step
+                if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
+                    metrics |= self.evaluate(step)
+                self._record(metrics, step)
+                progress.update(step, metrics)
+                if tc.save_every and step % tc.save_every == 0 and step != tc.max_steps:
+                    self.save()
+        after = self.evaluate(self.step) if self.step > start_step else before
+        if self.step > start_step:
+            self._record(after, self.step)
+        ckpt = self.save()
+        summary = {
+            "pass@1_before": before["eval/pass@1"],
+            "pass@1_after": after["eval/pass@1"],
+            "steps": self.step - start_step,
+            "minutes": (time.time() - t_start) / 60,
+            "checkpoint": str(ckpt),
+            "run_dir": str(self.run_dir),
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()},
+        }
+        self.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _record(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log(metrics, step)
+        for k, v in metrics.items():
+            self.history[k].append((step, v))
+
+    def close(self) -> None:
+        self.logger.close()
+        self.sandbox.close()
+
+
+def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
+    if device.type == "cpu":
+        return batch
+    for name in ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids", "old_logp", "ref_logp"):
+        t = getattr(batch, name)
+        if t is not None:
+            setattr(batch, name, t.to(device))
+    return batch

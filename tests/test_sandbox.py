@@ -1,0 +1,317 @@
+"""The program sandbox, output comparison and code extraction."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from coderlplus.execution import ExecResult, Sandbox, compare_output, extract_code
+
+TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = Sandbox(timeout_s=TIMEOUT_S, memory_mb=512, max_output_bytes=65536, workers=2)
+    yield sb
+    sb.close()
+
+
+# --------------------------------------------------------------------------- sandbox
+
+
+def test_prints(sandbox):
+    r = sandbox.run("print('hello', 6 * 7)")
+    assert isinstance(r, ExecResult)
+    assert (r.status, r.stdout, r.returncode) == ("ok", "hello 42\n", 0)
+    assert 0 < r.duration_s < TIMEOUT_S
+
+
+def test_reads_stdin(sandbox):
+    code = "import sys\nn = int(input())\nrest = sys.stdin.read().split()\nprint(n * 2, len(rest))"
+    r = sandbox.run(code, "21\na b c\n")
+    assert (r.status, r.stdout) == ("ok", "42 3\n")
+
+
+def test_exception_is_error_with_traceback(sandbox):
+    r = sandbox.run("def f():\n    return 1 / 0\nprint('before')\nf()")
+    assert r.status == "error" and r.returncode == 1
+    assert r.stdout == "before\n"
+    assert "ZeroDivisionError" in r.stderr and "Traceback" in r.stderr
+    assert "_server.py" not in r.stderr  # the sandbox's own frames are hidden
+
+
+def test_syntax_error(sandbox):
+    r = sandbox.run("def f(:\n")
+    assert r.status == "error" and "SyntaxError" in r.stderr
+
+
+def test_infinite_loop_times_out(sandbox):
+    t0 = time.monotonic()
+    r = sandbox.run("while True:\n    pass")
+    assert r.status == "timeout"
+    assert time.monotonic() - t0 < TIMEOUT_S + 1
+
+
+def test_sleep_times_out(sandbox):
+    r = sandbox.run("import time\nprint('started', flush=True)\ntime.sleep(30)")
+    assert r.status == "timeout" and r.stdout == "started\n"
+
+
+def test_memory_limit(sandbox):
+    r = sandbox.run("x = bytearray(2 * 1024**3)\nprint('allocated')")
+    assert r.status == "memory" and r.stdout == ""
+    assert "MemoryError" in r.stderr
+
+
+def test_output_limit(sandbox):
+    r = sandbox.run("import sys\nsys.stdout.write('x' * (10 * 1024 * 1024))")
+    assert r.status == "output_limit"
+    assert len(r.stdout) <= 65536
+
+
+def test_stderr_flood_is_stopped(sandbox):
+    r = sandbox.run("import sys\nwhile True:\n    sys.stderr.write('y' * 100000)")
+    assert r.status == "output_limit"
+    assert 0 < len(r.stderr) <= 8192  # only the tail comes back
+
+
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(3)", "import os\nos._exit(3)", "raise SystemExit(3)"])
+def test_exit_code(sandbox, code):
+    r = sandbox.run(code)
+    assert (r.status, r.returncode) == ("error", 3)
+
+
+def test_exit_zero_is_ok(sandbox):
+    r = sandbox.run("import sys\nprint('done')\nsys.exit(0)")
+    assert (r.status, r.stdout, r.returncode) == ("ok", "done\n", 0)
+
+
+def test_segfault_is_killed(sandbox):
+    r = sandbox.run("import ctypes\nctypes.string_at(0)")
+    assert r.status == "killed" and r.returncode is not None and r.returncode < 0
+
+
+def test_detached_grandchild_does_not_hang(sandbox):
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print('parent done')\n"
+    )
+    t0 = time.monotonic()
+    r = sandbox.run(code)
+    assert time.monotonic() - t0 < TIMEOUT_S + 1
+    assert r.status == "ok" and r.stdout == "parent done\n"
+
+
+def test_grandchild_holding_stdout_times_out(sandbox):
+    code = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nelse:\n    time.sleep(60)"
+    )
+    t0 = time.monotonic()
+    r = sandbox.run(code)
+    assert r.status == "timeout"
+    assert time.monotonic() - t0 < TIMEOUT_S + 1.5
+
+
+def test_environment_is_scrubbed(sandbox, monkeypatch):
+    # The servers were started before this variable was set; start a fresh sandbox after.
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1) as sb:
+        r = sb.run("import os\nprint(sorted(os.environ))\nprint(os.environ.get('WANDB_API_KEY'))")
+    assert r.status == "ok"
+    assert "secret-key-123" not in r.stdout and "HF_TOKEN" not in r.stdout
+    assert r.stdout.splitlines()[1] == "None"
+    names = set(eval(r.stdout.splitlines()[0]))
+    assert names <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "HOME",
+        "TMPDIR",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "LD_LIBRARY_PATH",
+    }
+
+
+def test_private_empty_cwd(sandbox):
+    write = "import os\nprint(os.listdir('.'))\nopen('leftover.txt', 'w').write('x')\nprint(os.getcwd())"
+    first = sandbox.run(write)
+    second = sandbox.run(write)
+    assert first.status == second.status == "ok"
+    assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0] == "[]"
+    cwd1, cwd2 = first.stdout.splitlines()[1], second.stdout.splitlines()[1]
+    assert cwd1 != cwd2
+    assert not os.path.exists(cwd1)  # removed afterwards
+
+
+def test_hash_seed_is_fixed(sandbox):
+    code = "print(hash('abc'), sorted({'x', 'y', 'z'}, key=hash))"
+    outs = {r.stdout for r in sandbox.run_many([(code, "")] * 4)}
+    assert len(outs) == 1
+
+
+def test_run_many_preserves_order(sandbox):
+    items = []
+    expected = []
+    for i in range(50):
+        kind = i % 5
+        if kind == 0:
+            items.append(("print(int(input()) + 1)", f"{i}\n"))
+            expected.append(("ok", f"{i + 1}\n"))
+        elif kind == 1:
+            items.append((f"raise ValueError({i})", ""))
+            expected.append(("error", ""))
+        elif kind == 2:
+            items.append((f"import sys\nprint({i})\nsys.exit(2)", ""))
+            expected.append(("error", f"{i}\n"))
+        elif kind == 3:
+            items.append((f"print('{i}' * 3)", ""))
+            expected.append(("ok", f"{i}{i}{i}\n"))
+        else:
+            items.append(("x = bytearray(2 * 1024**3)", ""))
+            expected.append(("memory", ""))
+    items[7] = ("while True: pass", "")
+    expected[7] = ("timeout", "")
+    results = sandbox.run_many(items)
+    assert [(r.status, r.stdout) for r in results] == expected
+
+
+def test_run_many_empty(sandbox):
+    assert sandbox.run_many([]) == []
+
+
+def test_program_killing_its_server(sandbox):
+    r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)")
+    assert r.status != "ok"
+    results = sandbox.run_many([("print('still works')", "")] * 4)
+    assert [x.status for x in results] == ["ok"] * 4
+    assert all(x.stdout == "still works\n" for x in results)
+
+
+def test_closed_sandbox_refuses():
+    sb = Sandbox(timeout_s=TIMEOUT_S, workers=1)
+    assert sb.run("print(1)").stdout == "1\n"
+    sb.close()
+    sb.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        sb.run("print(1)")
+
+
+def test_throughput(sandbox):
+    items = [("print(1)", "")] * 200
+    sandbox.run_many(items[:4])  # warm
+    t0 = time.perf_counter()
+    results = sandbox.run_many(items)
+    elapsed = time.perf_counter() - t0
+    assert all(r.status == "ok" and r.stdout == "1\n" for r in results)
+    print(
+        f"\nsandbox: 200 trivial programs in {elapsed:.3f} s on {sandbox.workers} workers "
+        f"= {1000 * elapsed / 200:.2f} ms per program"
+    )
+    assert elapsed < 10
+
+
+# --------------------------------------------------------------------------- compare_output
+
+
+@pytest.mark.parametrize(
+    "actual, expected",
+    [
+        ("42\n", "42"),
+        ("42", "42\n\n"),
+        ("1 2 3   \n4 5\t\n", "1 2 3\n4 5\n"),
+        ("\n\nyes\n", "yes"),
+        ("a\r\nb\r\n", "a\nb\n"),
+        ("", ""),
+        ("\n  \n", ""),
+        ("x\n\ny\n", "x\n\ny"),
+    ],
+)
+def test_compare_output_equal(actual, expected):
+    assert compare_output(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "actual, expected",
+    [
+        ("42\n", "43\n"),
+        (" 42", "42"),  # leading spaces matter
+        ("1 2", "1  2"),  # inner spaces matter
+        ("x\ny", "x\n\ny"),  # inner blank lines matter
+        ("YES", "yes"),
+        ("", "0"),
+    ],
+)
+def test_compare_output_different(actual, expected):
+    assert not compare_output(actual, expected)
+
+
+# --------------------------------------------------------------------------- extract_code
+
+
+def test_extract_python_block():
+    text = "Here is my solution:\n```python\nn = int(input())\nprint(n * 2)\n```\nIt doubles n."
+    assert extract_code(text) == "n = int(input())\nprint(n * 2)\n"
+
+
+def test_extract_last_python_block():
+    text = "```python\nprint(1)\n```\nbetter:\n```py\nprint(2)\n```\n"
+    assert extract_code(text) == "print(2)\n"
+
+
+def test_extract_prefers_python_over_bare_and_other_languages():
+    text = "```python\nprint(1)\n```\nsample:\n```\n3\n```\n```text\nout\n```"
+    assert extract_code(text) == "print(1)\n"
+
+
+def test_extract_bare_block_when_no_python():
+    text = "Solution:\n```\nprint('bare')\n```\n```bash\npython main.py\n```"
+    assert extract_code(text) == "print('bare')\n"
+
+
+def test_extract_only_other_languages():
+    assert extract_code("```bash\necho hi\n```") is None
+
+
+def test_extract_tag_case_and_python3():
+    assert extract_code("```Python3\nprint(3)\n```") == "print(3)\n"
+
+
+def test_extract_unclosed_block():
+    text = (
+        "```python\nprint(1)\n```\nnow faster:\n```python\nimport sys\nfor line in sys.stdin:\n    print(line"
+    )
+    assert extract_code(text) == "import sys\nfor line in sys.stdin:\n    print(line\n"
+
+
+def test_extract_no_fence():
+    assert extract_code("print(1)") is None
+    assert extract_code("") is None
+
+
+def test_extract_empty_block():
+    assert extract_code("```python\n```") is None
+    assert extract_code("```python\n   \n\n```") is None
+    assert extract_code("text\n```python\n") is None  # truncated right after the fence
+
+
+def test_extract_keeps_indentation_and_dedents_block():
+    text = "1. Code:\n   ```python\n   def f():\n       return 1\n   print(f())\n   ```"
+    assert extract_code(text) == "def f():\n    return 1\nprint(f())\n"
+
+
+def test_extract_fence_glued_to_last_line():
+    assert extract_code("```python\nprint(5)```\nDone.") == "print(5)\n"
+
+
+def test_extract_new_block_opened_inside_open_block():
+    text = "```python\nprint('draft')\n```python\nprint('final')\n```"
+    assert extract_code(text) == "print('final')\n"
