@@ -139,8 +139,19 @@ def build_config(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
 
 
 def config_defaults(cls: type) -> dict[str, Any]:
-    """The default values of a config dataclass as a plain dict (for Hydra)."""
-    return dataclasses.asdict(cls())
+    """The default values of a config dataclass as a plain dict (for Hydra), without validating them
+    (a default may be a placeholder the user must fill, like ``model.path``)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name} has no default: every config field needs one")
+    return out
 
 
 ALGORITHMS: Registry[Any] = Registry("algorithm")

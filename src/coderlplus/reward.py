@@ -8,7 +8,7 @@ and offers ``score_one(completion, ground_truth)`` for notebooks.
 The router maps each task kind to a weighted sum of rewards, from the Hydra
 ``reward`` group, e.g. ``{"codegen": {"outcome": {"weight": 1.0}}}``.
 A reward that raises on a batch scores every rollout of that batch 0 with
-``info["error"]`` set; the step goes on.
+``info[name]["reward_error"]`` set (counted in the ``errors/reward`` metric); the step goes on.
 """
 
 from __future__ import annotations
@@ -93,4 +93,4 @@ class RewardRouter:
             return scores
         except Exception as e:  # a broken reward must not kill the run
             log.exception("reward %r failed on a batch of %d rollouts; scoring them 0", name, len(rollouts))
-            return [RewardOutput(0.0, {"error": f"{type(e).__name__}: {e}"}) for _ in rollouts]
+            return [RewardOutput(0.0, {"reward_error": f"{type(e).__name__}: {e}"}) for _ in rollouts]

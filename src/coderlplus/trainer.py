@@ -73,7 +73,9 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
         "reward/std": float(rewards.std()),
         "response/length_mean": float(np.mean([len(r.response_ids) for r in rollouts])),
         "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
-        "errors/reward": float(sum("error" in str(s.info) for s in scores)),
+        "errors/reward": float(
+            sum(any(isinstance(v, dict) and "reward_error" in v for v in s.info.values()) for s in scores)
+        ),
     }
     if judged:
         m["reward/pass_rate"] = sum(st == "pass" for st in judged) / len(judged)
