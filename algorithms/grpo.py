@@ -40,7 +40,9 @@ class GRPO(Algorithm):
 
     def policy_loss(self, logp, batch, adv, cfg: GRPOConfig, entropy=None):
         mask = batch.response_mask
-        pg_loss, ratio, clipped = clipped_policy_objective(logp, batch.old_logp, adv, cfg.clip_low, cfg.clip_high)
+        pg_loss, ratio, clipped = clipped_policy_objective(
+            logp, batch.old_logp, adv, cfg.clip_low, cfg.clip_high
+        )
         loss = aggregate_loss(pg_loss, mask, cfg.loss_agg)
         metrics = {
             "actor/pg_loss": loss.item(),

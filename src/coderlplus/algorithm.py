@@ -43,7 +43,9 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ConfigError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0")
+            raise ConfigError(
+                f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0"
+            )
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:

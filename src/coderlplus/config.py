@@ -153,7 +153,9 @@ class LoggerConfig:
 
     def __post_init__(self):
         if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
-            raise ConfigError(f"logger.wandb_mode={self.wandb_mode!r}; choose auto, online, offline or disabled")
+            raise ConfigError(
+                f"logger.wandb_mode={self.wandb_mode!r}; choose auto, online, offline or disabled"
+            )
 
 
 STATIC_GROUPS: dict[str, dict[str, Any]] = {
@@ -227,6 +229,8 @@ def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
         out[group] = build_config(schema, dict(cfg.get(group) or {}), where=group)
     reward = cfg.get("reward") or {}
     if not isinstance(reward, dict) or not reward:
-        raise ConfigError("reward: expected a mapping task kind -> {reward name: options}, e.g. reward=outcome")
+        raise ConfigError(
+            "reward: expected a mapping task kind -> {reward name: options}, e.g. reward=outcome"
+        )
     out["reward"] = reward
     return ResolvedConfig(**out)

@@ -43,7 +43,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     table.add_column("metric")
     table.add_column("before RL", justify="right")
     table.add_column("after RL", justify="right")
-    for key in sorted(k[: -len("_before")] for k in summary if k.startswith("eval/") and k.endswith("_before")):
+    for key in sorted(
+        k[: -len("_before")] for k in summary if k.startswith("eval/") and k.endswith("_before")
+    ):
         table.add_row(key, f"{summary[key + '_before']:.3f}", f"{summary[key + '_after']:.3f}")
     console.print(table)
     gain = 100 * (summary["pass@1_after"] - summary["pass@1_before"])

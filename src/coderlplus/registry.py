@@ -15,6 +15,7 @@ closest one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterator, Mapping
@@ -60,10 +61,8 @@ class Registry(Generic[T]):
             self._entries[name] = obj
             self._origins[name] = origin
             if getattr(obj, "registry_name", None) is None:
-                try:
+                with contextlib.suppress(AttributeError, TypeError):  # e.g. a builtin
                     obj.registry_name = name  # type: ignore[attr-defined]
-                except (AttributeError, TypeError):
-                    pass
             return obj
 
         return decorator
@@ -84,12 +83,16 @@ class Registry(Generic[T]):
     def config_class(self, name: str) -> type | None:
         return getattr(self.get(name), "Config", None)
 
-    def make_config(self, name: str, values: Mapping[str, Any] | None = None, where: str | None = None) -> Any:
+    def make_config(
+        self, name: str, values: Mapping[str, Any] | None = None, where: str | None = None
+    ) -> Any:
         """Build and validate the plugin's config dataclass from ``values``."""
         cls = self.config_class(name)
         if cls is None:
             if values:
-                raise ConfigError(f"{where or self.kind}: {self.kind} {name!r} takes no options, got {sorted(values)}")
+                raise ConfigError(
+                    f"{where or self.kind}: {self.kind} {name!r} takes no options, got {sorted(values)}"
+                )
             return None
         return build_config(cls, values or {}, where=where or f"{self.kind}={name}")
 

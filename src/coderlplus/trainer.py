@@ -123,10 +123,16 @@ class Trainer:
 
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
+            self.policy.parameters(),
+            lr=oc.lr,
+            betas=tuple(oc.betas),
+            eps=oc.eps,
+            weight_decay=oc.weight_decay,
         )
         updates = max(1, tc.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._lr_factor(s, updates))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: self._lr_factor(s, updates)
+        )
         self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -141,7 +147,10 @@ class Trainer:
         if len(kept) < len(tasks):
             log.warning(
                 "%s: dropped %d of %d prompts longer than model.max_prompt_tokens=%d",
-                split, len(tasks) - len(kept), len(tasks), max_prompt,
+                split,
+                len(tasks) - len(kept),
+                len(tasks),
+                max_prompt,
             )
         if not kept:
             raise ValueError(f"{split}: every prompt is longer than model.max_prompt_tokens={max_prompt}")
@@ -247,14 +256,17 @@ class Trainer:
                         entropy_grad=ac.entropy_coef > 0,
                     )
                     sub = _to_device(sub, self.device)
-                    loss, m = self.algo.policy_loss(logp, sub, adv[micro].to(self.device), ac, entropy=entropy)
+                    loss, m = self.algo.policy_loss(
+                        logp, sub, adv[micro].to(self.device), ac, entropy=entropy
+                    )
                     w = micro_batch_weight(sub.response_mask, batch.response_mask[mini], ac.loss_agg)
                     (loss * w).backward()
                     for k, v in m.items():
                         sums[k] += w * v
                     if entropy is not None:
                         sums["actor/entropy"] += w * float(
-                            (entropy.detach() * sub.response_mask).sum() / sub.response_mask.sum().clamp(min=1)
+                            (entropy.detach() * sub.response_mask).sum()
+                            / sub.response_mask.sum().clamp(min=1)
                         )
                 grad_clip = self.cfg.optim.grad_clip or float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), grad_clip)
@@ -341,7 +353,15 @@ class Trainer:
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     if device.type == "cpu":
         return batch
-    for name in ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids", "old_logp", "ref_logp"):
+    for name in (
+        "input_ids",
+        "attention_mask",
+        "response_mask",
+        "rewards",
+        "group_ids",
+        "old_logp",
+        "ref_logp",
+    ):
         t = getattr(batch, name)
         if t is not None:
             setattr(batch, name, t.to(device))

@@ -27,12 +27,16 @@ class HFModelConfig:
 
     def __post_init__(self):
         if not self.path:
-            raise ConfigError("model.path is empty: give a hub id or a local folder, e.g. model.path=/models/qwen")
+            raise ConfigError(
+                "model.path is empty: give a hub id or a local folder, e.g. model.path=/models/qwen"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; choose one of {sorted(DTYPES)}")
         looks_local = self.path.startswith(("/", "./", "../", "~"))
         if looks_local and not Path(self.path).expanduser().exists():
-            raise ConfigError(f"model.path={self.path!r} does not exist; point it at a folder with config.json")
+            raise ConfigError(
+                f"model.path={self.path!r} does not exist; point it at a folder with config.json"
+            )
         if self.max_prompt_tokens < 1:
             raise ConfigError("model.max_prompt_tokens must be >= 1")
 

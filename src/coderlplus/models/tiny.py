@@ -46,9 +46,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Qwen2's pre-tokenizer regex (transformers rebuilds this pipeline when it loads a qwen2 tokenizer).
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def cache_root() -> Path:
@@ -94,7 +92,9 @@ class TinyModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}"
+            )
         if self.vocab_size < 300:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is too small: byte-level BPE needs >= 300")
         for name in ("warm_start_steps", "n_train"):
@@ -120,7 +120,9 @@ def _warm_start_rows(cfg: TinyModelConfig) -> tuple[list[dict], list[str]]:
 
     source = TinyCodeSource(TinyCodeConfig(seed=cfg.data_seed, n_train=cfg.n_train))
     tasks = source.load("train")
-    rows = [{"prompt": t.prompt, "solution": t.payload["reference"]} for t in tasks if t.payload.get("reference")]
+    rows = [
+        {"prompt": t.prompt, "solution": t.payload["reference"]} for t in tasks if t.payload.get("reference")
+    ]
     return rows, [r["prompt"][-1]["content"] for r in rows]
 
 

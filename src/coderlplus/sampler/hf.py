@@ -75,9 +75,16 @@ class HFSampler(Sampler):
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        sample_kw = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
-        }
+        sample_kw = (
+            {"do_sample": False}
+            if params.greedy
+            else {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": 0,
+            }
+        )
         out = self.model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
