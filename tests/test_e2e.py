@@ -68,7 +68,13 @@ def test_two_step_run_changes_parameters_and_logs_finite_metrics(tiny_model_dir,
 
 
 def test_resume_auto_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
-    base = [*SMOKE, "model=hf", f"model.path={tiny_model_dir}", "trainer.save_every=1", "trainer.eval_max_tasks=2"]
+    base = [
+        *SMOKE,
+        "model=hf",
+        f"model.path={tiny_model_dir}",
+        "trainer.save_every=1",
+        "trainer.eval_max_tasks=2",
+    ]
     trainer = Trainer(_resolved([*base, "trainer.max_steps=1"]), tmp_path)
     trainer.fit()
     trainer.close()
@@ -85,11 +91,42 @@ def test_cli_run_leaves_metrics_and_checkpoint(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "x"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     out = subprocess.run(
-        [sys.executable, "-m", "coderlplus.train", "algorithm=grpo", "trainer.max_steps=2",
-         f"hydra.run.dir={run_dir}", "experiment=smoke", "model=hf", f"model.path={tiny_model_dir}"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "coderlplus.train",
+            "algorithm=grpo",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={run_dir}",
+            "experiment=smoke",
+            "model=hf",
+            f"model.path={tiny_model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").exists()
     assert (run_dir / "checkpoints" / "step_000002" / "model" / "config.json").exists()
     assert "pass@1" in out.stdout and "before RL" in out.stdout
+
+
+def test_eval_cli_reports_pass_at_1(tiny_model_dir, tmp_path):
+    from coderlplus.evaluate import run_eval
+
+    cfg = {
+        "model": {"name": "hf", "path": str(tiny_model_dir)},
+        "sampler": {"name": "hf", "max_new_tokens": 64},
+        "data": {"name": "tinycode", "cache_dir": str(tmp_path / "tc"), "n_test": 6},
+        "execution": {},
+        "splits": ["test"],
+        "max_tasks": 6,
+    }
+    results = run_eval(cfg, tmp_path / "out")
+    assert results["test/n"] == 6 and 0.0 <= results["test/pass@1"] <= 1.0
+    lines = (tmp_path / "out" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    assert results["test/pass@1"] == sum(json.loads(x)["passed"] for x in lines) / 6
+    assert "| test | 6 |" in (tmp_path / "out" / "results.md").read_text()

@@ -25,8 +25,12 @@ def test_tokenizer_ids_survive_save_and_reload(tmp_path):
     corpus = [s * 3 for s in SAMPLES] + [f"print({i} * {i + 1})" for i in range(300)]
     tok = train_tokenizer(corpus, vocab_size=400)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
     Qwen2ForCausalLM(config).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -63,9 +67,13 @@ def test_tiny_model_is_built_once_and_cached(tiny_model_dir):
 def test_default_tiny_model_size_is_in_range():
     cfg = TinyModelConfig()
     config = Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, tie_word_embeddings=True,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        tie_word_embeddings=True,
     )
     n = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
     assert 1_000_000 <= n <= 5_000_000

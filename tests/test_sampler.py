@@ -41,7 +41,9 @@ def test_sampler_logprobs_match_teacher_forcing(tiny_model, tasks, temperature):
         )
     mask = batch.response_mask.bool()
     assert (batch.old_logp[mask] <= 0).all()
-    assert torch.allclose(logp[mask], batch.old_logp[mask], atol=1e-4), (logp[mask] - batch.old_logp[mask]).abs().max()
+    assert torch.allclose(logp[mask], batch.old_logp[mask], atol=1e-4), (
+        (logp[mask] - batch.old_logp[mask]).abs().max()
+    )
 
 
 def test_greedy_is_deterministic_and_decodes_completion(tiny_model, tasks):

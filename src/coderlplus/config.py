@@ -40,13 +40,13 @@ PLUGIN_GROUPS: dict[str, Registry] = {
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 40
+    max_steps: int = 30
     """Number of RL steps (one step = sample, score, update)."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     """Prompts per step; each gets group_size rollouts."""
     group_size: int = 8
     """Rollouts per prompt (G)."""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 128
     """Rollouts per forward/backward pass (gradient accumulation over the mini-batch)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only before the first and after the last step)."""
@@ -94,7 +94,7 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 1e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

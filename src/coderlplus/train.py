@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from coderlplus.config import conf_dir, register_hydra_configs, resolve_config
+from coderlplus.models.hf import quiet_hf_progress_bars
 from coderlplus.plugins import load_plugins
 from coderlplus.registry import ConfigError, UnknownPluginError
 
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> dict | None:
     from coderlplus.progress import print_summary
     from coderlplus.trainer import Trainer
 
+    quiet_hf_progress_bars()
     full = OmegaConf.to_container(cfg, resolve=True)
     try:
         resolved = resolve_config(full)

@@ -135,6 +135,7 @@ class Trainer:
         )
         self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
+        self._order_epoch, self._order = -1, []
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._maybe_resume()
 
@@ -188,10 +189,16 @@ class Trainer:
         out = []
         for pos in range((step - 1) * k, step * k):
             epoch, i = divmod(pos, n)
-            order = list(range(n))
-            random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
-            out.append(self.train_tasks[order[i]])
+            out.append(self.train_tasks[self._epoch_order(epoch)[i]])
         return out
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The train-set permutation of ``epoch``: a function of (seed, epoch) only, so resume replays it."""
+        if self._order_epoch != epoch:
+            order = list(range(len(self.train_tasks)))
+            random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
+            self._order_epoch, self._order = epoch, order
+        return self._order
 
     def train_step(self, step: int) -> dict[str, float]:
         tc, ac = self.cfg.trainer, self.cfg.algorithm

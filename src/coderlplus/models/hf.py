@@ -41,6 +41,15 @@ class HFModelConfig:
             raise ConfigError("model.max_prompt_tokens must be >= 1")
 
 
+def quiet_hf_progress_bars() -> None:
+    """Silence the per-file progress bars of transformers / huggingface_hub (our own bar shows progress)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a hub id or local folder, tokenizer padded on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

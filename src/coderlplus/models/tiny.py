@@ -10,6 +10,14 @@ Built on first use and cached, so the main job runs offline on a CPU:
 3. a short *warm start* (supervised fine-tuning on TinyCode train solutions)
    makes it decent but far from perfect, leaving room for RL.
 
+The warm-start demonstrations come from a deliberately **sloppy teacher** that
+makes two classic slips of real SFT data, each with probability
+``warm_start_noise`` where it applies: loops that should run to ``n`` inclusive
+stop one short (``range(1, n)`` for ``range(1, n + 1)``), and "greater than" is
+written as "at least" (``n >= K`` for ``n > K``). The model imitates them; RL with
+execution feedback is what can tell right from wrong. Set ``model.warm_start_noise=0`` for
+clean demonstrations (the model then starts stronger and RL has less to fix).
+
 The result is saved with ``save_pretrained`` under
 ``<cache>/models/tiny-<hash of the config>/`` (``<cache>`` is
 ``$CODERLPLUS_CACHE`` or ``~/.cache/coderlplus``) and every later run loads it
@@ -37,7 +45,7 @@ from coderlplus.registry import ConfigError, register_model
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the build recipe changes, so old caches are not reused
+BUILD_VERSION = 3  # bump when the build recipe changes, so old caches are not reused
 PAD, BOS_CHAT, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -81,6 +89,8 @@ class TinyModelConfig:
     """Examples per warm-start step."""
     warm_start_lr: float = 2e-3
     """Peak learning rate of the warm start (cosine decay to 10%)."""
+    warm_start_noise: float = 0.6
+    """Probability of each sloppy-teacher slip (off-by-one loop end, >= for >) where it applies."""
     max_prompt_tokens: int = 256
     """Prompts longer than this are dropped (with a warning) before sampling."""
     rebuild: bool = False
@@ -100,6 +110,8 @@ class TinyModelConfig:
         for name in ("warm_start_steps", "n_train"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0")
+        if not 0 <= self.warm_start_noise <= 1:
+            raise ConfigError(f"model.warm_start_noise={self.warm_start_noise} must be in [0, 1]")
 
     def build_key(self) -> str:
         """A hash of everything that changes the built model."""
@@ -114,14 +126,32 @@ class TinyModelConfig:
         return base / f"tiny-{self.build_key()}"
 
 
+# The sloppy teacher's two classic slips: (what the right program has, what the teacher writes).
+SLIPS = (
+    ("n + 1)", "n)"),  # a loop that should include n stops one short
+    ("if n > ", "if n >= "),  # "greater than" written as "at least"
+)
+
+
+def sloppy_teacher(solution: str, rng: random.Random, noise: float) -> str:
+    """The demonstration a sloppy teacher writes: each slip that applies is made with probability ``noise``."""
+    for right, wrong in SLIPS:
+        if right in solution and rng.random() < noise:
+            solution = solution.replace(right, wrong)
+    return solution
+
+
 def _warm_start_rows(cfg: TinyModelConfig) -> tuple[list[dict], list[str]]:
-    """TinyCode train rows and their prompt texts (the template the RL run uses)."""
+    """TinyCode train rows (solutions as the sloppy teacher writes them) and their prompt texts."""
     from coderlplus.tasks.tinycode import TinyCodeConfig, TinyCodeSource
 
     source = TinyCodeSource(TinyCodeConfig(seed=cfg.data_seed, n_train=cfg.n_train))
     tasks = source.load("train")
+    rng = random.Random(cfg.seed + 7919)
     rows = [
-        {"prompt": t.prompt, "solution": t.payload["reference"]} for t in tasks if t.payload.get("reference")
+        {"prompt": t.prompt, "solution": sloppy_teacher(t.payload["reference"], rng, cfg.warm_start_noise)}
+        for t in tasks
+        if t.payload.get("reference")
     ]
     return rows, [r["prompt"][-1]["content"] for r in rows]
 
