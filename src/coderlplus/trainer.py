@@ -136,7 +136,6 @@ class Trainer:
         self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
         self._order_epoch, self._order = -1, []
-        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._maybe_resume()
 
     # ------------------------------------------------------------------ setup helpers
@@ -349,8 +348,6 @@ class Trainer:
 
     def _record(self, metrics: dict[str, float], step: int) -> None:
         self.logger.log(metrics, step)
-        for k, v in metrics.items():
-            self.history[k].append((step, v))
 
     def close(self) -> None:
         self.logger.close()
