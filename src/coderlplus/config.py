@@ -27,6 +27,7 @@ from coderlplus.registry import (
     TASK_SOURCES,
     ConfigError,
     Registry,
+    build_config,
     config_defaults,
 )
 
@@ -208,6 +209,17 @@ class ResolvedConfig:
     logger: LoggerConfig
 
 
+def resolve_plugin(group: str, values: dict[str, Any] | None) -> tuple[str, Any]:
+    """``(plugin name, validated config dataclass)`` of one plugin group's composed values."""
+    registry = PLUGIN_GROUPS[group]
+    values = dict(values or {})
+    name = values.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{group}: no 'name' key; pick one with {group}=<one of {registry.names()}>")
+    registry.get(name)  # unknown name -> lists the valid ones
+    return name, registry.make_config(name, values, where=f"{group}={name}")
+
+
 def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
     """Validate a composed config (a plain dict) into dataclasses; raise ConfigError on any problem."""
     known = {"seed", "reward", *PLUGIN_GROUPS, *STATIC_SCHEMAS}
@@ -215,16 +227,8 @@ def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
     if unknown:
         raise ConfigError(f"unknown top-level config keys {unknown}; valid keys: {sorted(known)}")
     out: dict[str, Any] = {"seed": int(cfg.get("seed", 0))}
-    for group, registry in PLUGIN_GROUPS.items():
-        values = dict(cfg.get(group) or {})
-        name = values.pop("name", None)
-        if name is None:
-            raise ConfigError(f"{group}: no 'name' key; pick one with {group}=<one of {registry.names()}>")
-        registry.get(name)  # unknown name -> lists the valid ones
-        out[f"{group}_name"] = name
-        out[group] = registry.make_config(name, values, where=f"{group}={name}")
-    from coderlplus.registry import build_config
-
+    for group in PLUGIN_GROUPS:
+        out[f"{group}_name"], out[group] = resolve_plugin(group, cfg.get(group))
     for group, schema in STATIC_SCHEMAS.items():
         out[group] = build_config(schema, dict(cfg.get(group) or {}), where=group)
     reward = cfg.get("reward") or {}

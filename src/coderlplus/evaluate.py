@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from coderlplus.config import STATIC_SCHEMAS, conf_dir, register_hydra_configs
+from coderlplus.config import STATIC_SCHEMAS, conf_dir, register_hydra_configs, resolve_plugin
 from coderlplus.models.hf import quiet_hf_progress_bars
 from coderlplus.plugins import load_plugins
 from coderlplus.registry import MODELS, SAMPLERS, TASK_SOURCES, ConfigError, UnknownPluginError, build_config
@@ -32,14 +32,14 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     from coderlplus.evaluation import greedy_pass_at_1
     from coderlplus.execution import Sandbox
 
-    def plugin(registry, group):
-        values = dict(cfg[group])
-        name = values.pop("name")
-        return registry.get(name), registry.make_config(name, values, where=f"{group}={name}")
-
-    model_cls, model_cfg = plugin(MODELS, "model")
-    sampler_cls, sampler_cfg = plugin(SAMPLERS, "sampler")
-    source_cls, data_cfg = plugin(TASK_SOURCES, "data")
+    (model_name, model_cfg), (sampler_name, sampler_cfg), (data_name, data_cfg) = (
+        resolve_plugin(group, cfg[group]) for group in ("model", "sampler", "data")
+    )
+    model_cls, sampler_cls, source_cls = (
+        MODELS.get(model_name),
+        SAMPLERS.get(sampler_name),
+        TASK_SOURCES.get(data_name),
+    )
     ex = build_config(STATIC_SCHEMAS["execution"], cfg["execution"], where="execution")
     torch.manual_seed(int(cfg.get("seed", 0)))
     model, tokenizer = model_cls(model_cfg).load()
