@@ -12,9 +12,17 @@ from coderlplus.execution import ExecResult, Sandbox, compare_output, extract_co
 TIMEOUT_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    sb = Sandbox(timeout_s=TIMEOUT_S, memory_mb=512, max_output_bytes=65536, workers=2)
+@pytest.fixture(scope="module", params=["bwrap", "rlimit"])
+def sandbox(request):
+    """The behaviour tests run in both isolation modes (bwrap must really start: no fallback)."""
+    sb = Sandbox(
+        timeout_s=TIMEOUT_S,
+        memory_mb=512,
+        max_output_bytes=65536,
+        workers=2,
+        isolation=request.param,
+        require_isolation=True,
+    )
     yield sb
     sb.close()
 
@@ -123,7 +131,7 @@ def test_environment_is_scrubbed(sandbox, monkeypatch):
     # The servers were started before this variable was set; start a fresh sandbox after.
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    with Sandbox(timeout_s=TIMEOUT_S, workers=1) as sb:
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation=sandbox.isolation) as sb:
         r = sb.run("import os\nprint(sorted(os.environ))\nprint(os.environ.get('WANDB_API_KEY'))")
     assert r.status == "ok"
     assert "secret-key-123" not in r.stdout and "HF_TOKEN" not in r.stdout
@@ -142,14 +150,19 @@ def test_environment_is_scrubbed(sandbox, monkeypatch):
 
 
 def test_private_empty_cwd(sandbox):
-    write = "import os\nprint(os.listdir('.'))\nopen('leftover.txt', 'w').write('x')\nprint(os.getcwd())"
-    first = sandbox.run(write)
-    second = sandbox.run(write)
+    write = (
+        "import os\nprint(os.listdir('.'))\nopen('leftover.txt', 'w').write('x')\n"
+        "print(os.getcwd())\nprint(sorted(os.listdir('..')))"
+    )
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation=sandbox.isolation) as sb:  # one server: same parent
+        first, second = sb.run(write), sb.run(write)
     assert first.status == second.status == "ok"
     assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0] == "[]"
     cwd1, cwd2 = first.stdout.splitlines()[1], second.stdout.splitlines()[1]
     assert cwd1 != cwd2
-    assert not os.path.exists(cwd1)  # removed afterwards
+    # The first program's folder is gone when the second runs: only the second's is left.
+    assert second.stdout.splitlines()[2] == str([os.path.basename(cwd2)])
+    assert not os.path.exists(cwd1)
 
 
 def test_hash_seed_is_fixed(sandbox):

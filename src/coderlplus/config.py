@@ -131,12 +131,26 @@ class ExecutionConfig:
     """Stdout/stderr cap per program."""
     workers: int | None = None
     """Warm worker processes (None = number of CPU cores)."""
+    isolation: str = "bwrap"
+    """bwrap (namespaces: no network, no host files, own PIDs) or rlimit (limits only)."""
+    require_isolation: bool = False
+    """If bwrap cannot start: false = fall back to rlimit with a loud warning, true = error."""
+    tmp_mb: int = 64
+    """Size of each bwrap server's private /tmp (what programs may write)."""
+    recycle_after: int = 2000
+    """Replace a sandbox server by a fresh one after this many programs."""
+    site_packages: bool = False
+    """Let programs import the trainer's site-packages (read-only); default: stdlib only."""
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.memory_mb < 16 or self.max_output_bytes < 1:
             raise ConfigError("execution: timeout_s must be > 0, memory_mb >= 16, max_output_bytes >= 1")
         if self.workers is not None and self.workers < 1:
             raise ConfigError("execution.workers must be >= 1 (or null for one per core)")
+        if self.isolation not in ("bwrap", "rlimit"):
+            raise ConfigError(f"execution.isolation must be bwrap or rlimit, got {self.isolation!r}")
+        if self.tmp_mb < 1 or self.recycle_after < 1:
+            raise ConfigError("execution: tmp_mb and recycle_after must be >= 1")
 
 
 @dataclass

@@ -9,6 +9,7 @@ completion in ``<split>.jsonl``. Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,12 +48,7 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     source = source_cls(data_cfg)
     results: dict[str, float] = {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with Sandbox(
-        timeout_s=ex.timeout_s,
-        memory_mb=ex.memory_mb,
-        max_output_bytes=ex.max_output_bytes,
-        workers=ex.workers,
-    ) as sandbox:
+    with Sandbox(**dataclasses.asdict(ex)) as sandbox:
         for split in cfg["splits"]:
             tasks = source.load(split)[: cfg.get("max_tasks")]
             res = greedy_pass_at_1(sampler, tasks, sandbox, sampler_cfg.max_new_tokens)

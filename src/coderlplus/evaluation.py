@@ -1,7 +1,7 @@
 """Code-generation evaluation: greedy pass@1 and the unbiased pass@k estimator.
 
-Independent of the reward plugins: a program passes when it prints the
-expected output on every test, whatever reward the run trains with.
+Independent of the reward plugins: a program passes when it passes every test
+of its task (:meth:`Sandbox.check`), whatever reward the run trains with.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coderlplus.execution import compare_output, extract_code
+from coderlplus.execution import extract_code
 from coderlplus.sampler.base import Sampler, SamplingParams
 from coderlplus.types import Rollout, Task
 
@@ -24,20 +24,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def programs_pass(rollouts: list[Rollout], sandbox) -> list[bool]:
     """Whether each rollout's last python block passes all its task's tests."""
-    jobs, owners = [], []
-    codes = [extract_code(r.completion) for r in rollouts]
-    for i, (r, code) in enumerate(zip(rollouts, codes)):
-        if code is None:
-            continue
-        for t in r.task.payload["tests"]:
-            jobs.append((code, t["input"]))
-            owners.append((i, t["output"]))
-    results = sandbox.run_many(jobs) if jobs else []
-    ok = [code is not None for code in codes]
-    for (i, expected), res in zip(owners, results):
-        if res.status != "ok" or not compare_output(res.stdout, expected):
-            ok[i] = False
-    return ok
+    checks = sandbox.check_many([(extract_code(r.completion), r.task.payload["tests"]) for r in rollouts])
+    return [c.passed for c in checks]
 
 
 @dataclass

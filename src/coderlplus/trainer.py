@@ -7,6 +7,7 @@ Shapes: B rollouts (= prompts_per_step * group_size), P prompt tokens, T respons
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -107,12 +108,7 @@ class Trainer:
         if self.algo.needs_reference(cfg.algorithm):
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer)
-        self.sandbox = Sandbox(
-            timeout_s=cfg.execution.timeout_s,
-            memory_mb=cfg.execution.memory_mb,
-            max_output_bytes=cfg.execution.max_output_bytes,
-            workers=cfg.execution.workers,
-        )
+        self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
         self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
         source = TASK_SOURCES.get(cfg.data_name)(cfg.data)
         max_prompt = getattr(cfg.model, "max_prompt_tokens", None)
@@ -223,6 +219,7 @@ class Trainer:
             "timing/logprob_s": t3 - t2,
             "timing/update_s": t4 - t3,
             "timing/step_s": t4 - t0,
+            **{f"sandbox/{k}": float(v) for k, v in self.sandbox.stats.items()},
         }
         return metrics
 

@@ -1,16 +1,26 @@
 """A sandbox server: a warm Python process that forks one fresh child per program.
 
 Started by :class:`coderlplus.execution.sandbox.Sandbox` as
-``python -s _server.py CONFIG_JSON`` with a scrubbed environment. It imports
-nothing from ``coderlplus``: it is a plain script, so that it starts fast and
-the programs it forks see a small interpreter.
+``python -s -S -c <this file> CONFIG_JSON`` (inside bubblewrap, see
+``isolation.py``) or ``python -s -c ...`` (plain), with a scrubbed environment. It
+imports nothing from ``coderlplus``: it is a plain script, so that it starts fast
+and the programs it forks see a small interpreter.
 
 Protocol, on the server's stdin (requests) and stdout (responses): frames of a
-4-byte big-endian length followed by UTF-8 JSON.
+4-byte big-endian length followed by UTF-8 JSON. First the server sends a hello
+``{"ready": true, "pid", "uid", "outer_uid", "python"}``; then, per request:
 
-* request: ``{"code": str, "stdin": str}``
+* request: ``{"code": str, "stdin": str, "trace": null | {options, see _trace_options}}``
 * response: ``{"status": str, "stdout": str, "stderr": str, "duration_s": float,
-  "returncode": int | None}``
+  "returncode": int | None, "anomaly": str | None, "trace": null | dict}``
+
+``anomaly`` says that something was left in a bad state (processes that would
+not die, a work folder that could not be removed, a child that could not be set
+up): the parent then replaces this server with a fresh one.
+
+With ``trace`` the child, after the program ends (normally, by an exception or
+``sys.exit``), collects the final values of the program's variables (see
+``_collect_trace``) and writes them as JSON to a third pipe.
 
 For each request the server forks a child that becomes a session leader, sets
 resource limits, moves into a fresh private temp dir, takes its stdin from a
@@ -46,15 +56,17 @@ EXIT_MEMORY = 213
 EXIT_SETUP = 214
 FSIZE_BYTES = 10 * 1024 * 1024  # the largest file a program may write
 NOFILE = 64  # open file descriptors
-NPROC = 1024  # processes of the user (ignored for root)
+NPROC = 1024  # processes of the user, unless the config says otherwise (ignored for root)
 STACK_BYTES = 64 * 1024 * 1024  # main-thread stack, for deep recursion
 STDERR_TAIL_BYTES = 8192  # how much of stderr comes back (the end of it)
 READ_CHUNK = 65536
+TRACE_CAP_BYTES = 4 << 20  # the largest trace that comes back
 ORPHAN_KILL_BUDGET_S = 2.0  # the longest we spend killing what a program left behind
 
 # Imported once here so that programs using them start fast (the child is a fork).
 PRELOAD = (
     "array",
+    "ast",
     "bisect",
     "collections",
     "copy",
@@ -65,6 +77,7 @@ PRELOAD = (
     "functools",
     "heapq",
     "itertools",
+    "json",
     "linecache",
     "math",
     "operator",
@@ -77,6 +90,7 @@ PRELOAD = (
 )
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -116,7 +130,7 @@ def _set_limits(cfg: dict) -> None:
     lim(resource.RLIMIT_NOFILE, NOFILE)
     lim(resource.RLIMIT_CORE, 0)
     if hasattr(resource, "RLIMIT_NPROC"):
-        lim(resource.RLIMIT_NPROC, NPROC)
+        lim(resource.RLIMIT_NPROC, int(cfg.get("nproc") or NPROC))
     with contextlib.suppress(ValueError, OSError):
         _, hard = resource.getrlimit(resource.RLIMIT_STACK)
         soft = STACK_BYTES if hard == resource.RLIM_INFINITY else min(STACK_BYTES, hard)
@@ -168,9 +182,16 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _run_program(code: str, module: types.ModuleType) -> int:
+def _run_program(code: str, module: types.ModuleType, tracer=None) -> int:
     try:
-        exec(compile(code, "<program>", "exec"), module.__dict__)
+        compiled = compile(code, "<program>", "exec")
+        if tracer is not None:
+            tracer.install()
+        try:
+            exec(compiled, module.__dict__)
+        finally:
+            if tracer is not None:
+                tracer.uninstall()
         rc = 0
     except SystemExit as e:
         rc = _exit_code(e)
@@ -195,6 +216,256 @@ def _run_program(code: str, module: types.ModuleType) -> int:
     except BaseException as e:
         _print_exception(e)
     return rc
+
+
+# --------------------------------------------------------------------------- tracer (child side)
+
+_DROP = object()  # a value with no JSON form
+
+
+def _trace_options(opts: dict) -> dict:
+    return {
+        "entry": opts.get("entry") or None,
+        "trajectory": bool(opts.get("trajectory")),
+        "max_events": int(opts.get("max_events", 256)),
+        "max_items": int(opts.get("max_items", 64)),
+        "max_total": int(opts.get("max_total", 1000)),
+        "max_depth": int(opts.get("max_depth", 4)),
+        "max_str": int(opts.get("max_str", 1000)),
+        "max_digits": int(opts.get("max_digits", 100)),
+        "max_variables": int(opts.get("max_variables", 64)),
+    }
+
+
+def _json_key(key):
+    """A dict key as JSON writes it, or _DROP."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    if isinstance(key, int):
+        return str(key)
+    if isinstance(key, float) and key == key and key not in (float("inf"), float("-inf")):
+        return repr(key)
+    return _DROP
+
+
+def _safe(value, o: dict, depth: int = 0, budget: list | None = None):
+    """``value`` as plain JSON data (tuple and set become lists, sets sorted), or _DROP.
+
+    Kept: None, bool, int (at most ``max_digits`` digits), finite float, str (at most
+    ``max_str`` characters), and list/tuple/set/frozenset/dict of those, at most
+    ``max_items`` long, ``max_depth`` deep and ``max_total`` items in all. Anything
+    else, or anything too big, drops the whole value: a truncated value would be a
+    wrong answer to learn.
+    """
+    if budget is None:
+        budget = [o["max_total"]]
+    budget[0] -= 1
+    if budget[0] < 0:
+        return _DROP
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value) if len(str(abs(int(value)))) <= o["max_digits"] else _DROP
+    if isinstance(value, float):
+        v = float(value)
+        return v if v == v and v not in (float("inf"), float("-inf")) else _DROP
+    if isinstance(value, str):
+        return str(value) if len(value) <= o["max_str"] else _DROP
+    if depth >= o["max_depth"]:
+        return _DROP
+    if isinstance(value, (set, frozenset)):
+        if len(value) > o["max_items"]:
+            return _DROP
+        try:
+            value = sorted(value)
+        except TypeError:
+            return _DROP
+    if isinstance(value, (list, tuple)):
+        if len(value) > o["max_items"]:
+            return _DROP
+        out = []
+        for item in value:
+            item = _safe(item, o, depth + 1, budget)
+            if item is _DROP:
+                return _DROP
+            out.append(item)
+        return out
+    if isinstance(value, dict):
+        if len(value) > o["max_items"]:
+            return _DROP
+        out = {}
+        for k, v in value.items():
+            k, v = _json_key(k), _safe(v, o, depth + 1, budget)
+            if k is _DROP or v is _DROP or k in out:
+                return _DROP
+            out[k] = v
+        return out
+    return _DROP
+
+
+def _candidates(namespace: dict) -> dict:
+    """The names a trace reports: not private, not callables, classes or modules."""
+    return {
+        name: value
+        for name, value in namespace.items()
+        if isinstance(name, str)
+        and not name.startswith("_")
+        and not callable(value)
+        and not isinstance(value, types.ModuleType)
+    }
+
+
+def _convert(namespace: dict, o: dict) -> tuple[dict, list]:
+    """(JSON-safe variables, names dropped because their values have no JSON form)."""
+    kept, dropped = {}, []
+    for name, value in _candidates(namespace).items():
+        try:
+            safe = _safe(value, o)
+        except Exception:  # a hostile __eq__/__len__/__lt__...
+            safe = _DROP
+        if safe is _DROP:
+            dropped.append(name)
+        else:
+            kept[name] = safe
+    return kept, dropped
+
+
+class _BindingLines:
+    """Last line binding each name, per scope, from the program's syntax tree."""
+
+    def __init__(self, code: str, entry: str | None):
+        import ast
+
+        self.ast = ast
+        self.module: dict[str, int] = {}
+        self.entry: dict[str, int] = {}
+        try:
+            tree = ast.parse(code)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return
+        self._scope(tree.body, self.module)
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry:
+                self.entry = {}
+                args = node.args
+                for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+                    if a is not None:
+                        self.entry[a.arg] = node.lineno
+                self._scope(node.body, self.entry)
+
+    def _scope(self, body: list, lines: dict) -> None:
+        ast = self.ast
+        stack = list(body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines[node.name] = max(lines.get(node.name, 0), node.lineno)
+                continue  # a new scope
+            if isinstance(node, ast.Lambda):
+                continue
+            if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                lines[node.id] = max(lines.get(node.id, 0), node.lineno)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    name = (alias.asname or alias.name).split(".")[0]
+                    lines[name] = max(lines.get(name, 0), node.lineno)
+            elif isinstance(node, ast.comprehension):
+                stack.extend(ast.walk(node.iter))  # the loop target is the comprehension's own
+                stack.extend(n for cond in node.ifs for n in ast.walk(cond) if isinstance(n, ast.NamedExpr))
+                continue
+            stack.extend(ast.iter_child_nodes(node))
+
+
+class _Tracer:
+    """Collects, for one program run, what ``_collect_trace`` reports."""
+
+    def __init__(self, code: str, opts: dict):
+        self.o = opts
+        self.entry_locals: dict | None = None
+        self.entry_dropped: list = []
+        self.events: list | None = [] if opts["trajectory"] else None
+        self.truncated = False
+        self.code = code
+
+    def install(self) -> None:
+        if self.o["entry"]:
+            sys.setprofile(self._profile)
+        if self.events is not None:
+            sys.settrace(self._global_trace)
+
+    def uninstall(self) -> None:
+        sys.setprofile(None)
+        sys.settrace(None)
+
+    def _profile(self, frame, event, arg):
+        # The entry function returning (or raising) to module level: keep its locals.
+        if (
+            event == "return"
+            and frame.f_code.co_name == self.o["entry"]
+            and frame.f_code.co_filename == "<program>"
+            and frame.f_back is not None
+            and frame.f_back.f_code.co_name == "<module>"
+            and frame.f_back.f_code.co_filename == "<program>"
+        ):
+            self.entry_locals, self.entry_dropped = _convert(frame.f_locals, self.o)
+
+    def _global_trace(self, frame, event, arg):
+        if frame.f_code.co_filename != "<program>" or self.truncated:
+            return None
+        state = {"line": frame.f_code.co_firstlineno, "prev": {}}
+
+        def local(frame, event, arg):
+            if self.truncated:
+                return None
+            if event in ("line", "return"):
+                current = {}
+                for name, value in _convert(frame.f_locals, self.o)[0].items():
+                    current[name] = json.dumps(value, sort_keys=True)
+                    if state["prev"].get(name) != current[name]:
+                        if len(self.events) >= self.o["max_events"]:
+                            self.truncated = True
+                            sys.settrace(None)
+                            return None
+                        self.events.append([state["line"], frame.f_code.co_name, name, value])
+                state["prev"] = current
+                state["line"] = frame.f_lineno
+            return local
+
+        return local
+
+    def result(self, module: types.ModuleType) -> dict:
+        o = self.o
+        lines = _BindingLines(self.code, o["entry"])
+        variables, dropped = _convert(module.__dict__, o)
+        scope = {name: ("module", lines.module.get(name, 0)) for name in variables}
+        if self.entry_locals is not None:
+            dropped += [n for n in self.entry_dropped if n not in variables]
+            for name, value in self.entry_locals.items():
+                if name not in variables:  # a module-level name wins
+                    variables[name] = value
+                    scope[name] = ("entry", lines.entry.get(name, 0))
+        # Ordered by the last line that binds each name (the last bound last).
+        order = sorted(variables, key=lambda n: scope[n][1])[-o["max_variables"] :]
+        return {
+            "variables": {n: variables[n] for n in order},
+            "lines": {n: scope[n][1] for n in order},
+            "scopes": {n: scope[n][0] for n in order},
+            "dropped": sorted(set(dropped)),
+            "entry_found": self.entry_locals is not None,
+            "trajectory": self.events,
+            "truncated": self.truncated,
+        }
+
+
+def _write_trace(fd: int, tracer: _Tracer, module: types.ModuleType) -> None:
+    try:
+        data = json.dumps(tracer.result(module), allow_nan=False)
+    except BaseException as e:  # never let the tracer change the program's outcome
+        data = json.dumps({"error": f"{type(e).__name__}: {e}"[:500]})
+    with contextlib.suppress(OSError):
+        _write_all(fd, data.encode())
 
 
 # Text streams on fds 0, 1, 2 for the programs, made once by _make_stdio() (saves ~0.2 ms per
@@ -226,8 +497,9 @@ def _make_stdio() -> tuple:
     return stdio
 
 
-def _child(code: str, stdin: str, out_w: int, err_w: int, workdir: str, cfg: dict, server_pid: int):
+def _child(code, stdin, out_w, err_w, trace_w, trace_opts, workdir, cfg, server_pid):
     """Runs in the forked child; never returns."""
+    tracer = None
     try:
         os.setsid()
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the server
@@ -237,7 +509,10 @@ def _child(code: str, stdin: str, out_w: int, err_w: int, workdir: str, cfg: dic
         os.dup2(in_fd, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, 1 << 16)
+        if trace_w >= 0:
+            os.dup2(trace_w, 3)
+            tracer = _Tracer(code, _trace_options(trace_opts or {}))
+        os.closerange(4 if tracer is not None else 3, 1 << 16)
         os.chdir(workdir)
         os.environ["HOME"] = workdir
         os.environ["TMPDIR"] = workdir
@@ -262,10 +537,13 @@ def _child(code: str, stdin: str, out_w: int, err_w: int, workdir: str, cfg: dic
         with contextlib.suppress(BaseException):
             os.write(2, f"sandbox: child setup failed: {type(e).__name__}: {e}\n".encode())
         os._exit(EXIT_SETUP)
-    rc = _run_program(code, main)
+    rc = _run_program(code, main, tracer)
     for f in (sys.stdout, out, sys.stderr, err):
         with contextlib.suppress(BaseException):
             f.flush()
+    if tracer is not None and rc != EXIT_MEMORY:
+        with contextlib.suppress(BaseException):
+            _write_trace(3, tracer, main)
     os._exit(rc)
 
 
@@ -308,15 +586,19 @@ def _children_of(pid: int) -> list[int]:
     return kids
 
 
-def _reap_orphans() -> None:
-    """Kill and reap every process the program left behind (adopted by us, the subreaper)."""
+def _reap_orphans() -> bool:
+    """Kill and reap every process the program left behind (adopted by us, the subreaper).
+
+    False when some were still alive after ``ORPHAN_KILL_BUDGET_S`` (a fork bomb
+    outrunning us): an anomaly, the server is then replaced.
+    """
     me = os.getpid()
     give_up = time.monotonic() + ORPHAN_KILL_BUDGET_S
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return  # no children left
+            return True  # no children left
         if pid:
             continue
         kids = _children_of(me)
@@ -324,7 +606,7 @@ def _reap_orphans() -> None:
             with contextlib.suppress(OSError):
                 os.kill(k, signal.SIGKILL)
         if time.monotonic() > give_up:
-            return
+            return False
         if kids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(-1, 0)
@@ -371,35 +653,42 @@ def _child_exited(pid: int) -> bool:
 _dir_counter = itertools.count()
 
 
-def _remove_dir(path: str) -> None:
+def _remove_dir(path: str) -> bool:
     try:
         os.rmdir(path)  # the common case: the program wrote no files
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+    return not os.path.exists(path)
 
 
-def run_one(code: str, stdin: str, cfg: dict, base: str) -> dict:
+def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None = None) -> dict:
     timeout_s = float(cfg["timeout_s"])
     out = _Capture(int(cfg["max_output_bytes"]))
     err = _Capture(max(int(cfg["max_output_bytes"]), 1 << 20), keep_tail=STDERR_TAIL_BYTES)
+    trace = _Capture(TRACE_CAP_BYTES)
     workdir = os.path.join(base, f"p{next(_dir_counter)}")
     os.mkdir(workdir, 0o700)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    trace_r, trace_w = os.pipe() if trace_opts is not None else (-1, -1)
     pidfd = -1
+    anomaly = None
     server_pid = os.getpid()
     t0 = time.monotonic()
     try:
         pid = os.fork()
         if pid == 0:
-            _child(code, stdin, out_w, err_w, workdir, cfg, server_pid)
-        os.close(out_w)
-        os.close(err_w)
-        out_w = err_w = -1
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        poller = select.poll()
+            _child(code, stdin, out_w, err_w, trace_w, trace_opts, workdir, cfg, server_pid)
+        for fd in (out_w, err_w, trace_w):
+            if fd >= 0:
+                os.close(fd)
+        out_w = err_w = trace_w = -1
         streams = {out_r: out, err_r: err}
+        if trace_r >= 0:
+            streams[trace_r] = trace
+        for fd in streams:
+            os.set_blocking(fd, False)
+        poller = select.poll()
         for fd in streams:
             poller.register(fd, select.POLLIN)
         try:
@@ -421,7 +710,7 @@ def run_one(code: str, stdin: str, cfg: dict, base: str) -> dict:
                     exited = True
                     continue
                 data, eof = _read_available(fd)
-                if not streams[fd].add(data):
+                if not streams[fd].add(data) and fd != trace_r:
                     status = "output_limit"
                 if eof:
                     poller.unregister(fd)
@@ -430,7 +719,7 @@ def run_one(code: str, stdin: str, cfg: dict, base: str) -> dict:
         if exited and status is None:  # what the child wrote before exiting is still in the pipes
             for fd, cap in streams.items():
                 data, _ = _read_available(fd)
-                if not cap.add(data):
+                if not cap.add(data) and fd != trace_r:
                     status = "output_limit"
         # Kill the child's process group (the child, if still running, and what it forked
         # without setsid) while the child's pid is still reserved, then reap it.
@@ -438,19 +727,23 @@ def run_one(code: str, stdin: str, cfg: dict, base: str) -> dict:
             os.killpg(pid, signal.SIGKILL)
         _, wstatus, rusage = os.wait4(pid, 0)
         duration = time.monotonic() - t0
-        _reap_orphans()
+        if not _reap_orphans():
+            anomaly = "processes left by the program would not die"
     finally:
-        for fd in (out_r, err_r, out_w, err_w, pidfd):
+        for fd in (out_r, err_r, trace_r, out_w, err_w, trace_w, pidfd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        _remove_dir(workdir)
+        if not _remove_dir(workdir):
+            anomaly = anomaly or "could not remove the program's work folder"
 
     returncode = None
     if os.WIFEXITED(wstatus):
         returncode = os.WEXITSTATUS(wstatus)
     elif os.WIFSIGNALED(wstatus):
         returncode = -os.WTERMSIG(wstatus)
+    if returncode == EXIT_SETUP:
+        anomaly = anomaly or "the child could not be set up"
     if status is None:
         if returncode == 0:
             status = "ok"
@@ -471,7 +764,20 @@ def run_one(code: str, stdin: str, cfg: dict, base: str) -> dict:
         "stderr": err.text(),
         "duration_s": duration,
         "returncode": returncode,
+        "anomaly": anomaly,
+        "trace": _parse_trace(trace) if trace_opts is not None else None,
     }
+
+
+def _parse_trace(capture: _Capture) -> dict | None:
+    if not capture.total:
+        return None  # the child ended before writing it (os._exit, a signal)
+    if capture.total > capture.cap:
+        return {"error": f"trace larger than {capture.cap} bytes"}
+    try:
+        return json.loads(bytes(capture.buf))
+    except ValueError as e:
+        return {"error": f"unreadable trace: {e}"}
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -494,17 +800,28 @@ def main() -> None:
     global _STDIO
     cfg = json.loads(sys.argv[1])
     base = cfg["base"]
+    os.makedirs(base, mode=0o700, exist_ok=True)
     # The protocol pipes move to private fds; fds 0/1 become an empty file and /dev/null.
     rfd, wfd = os.dup(0), os.dup(1)
     _STDIO = _make_stdio()
-    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-        del sys.path[0]  # programs must not import from this folder
+    # No '' (the cwd) on the path; the trainer's site-packages only when the config offers them.
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")] + list(cfg.get("site_dirs") or [])
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of programs are re-parented to us
+    _prctl(_PR_SET_DUMPABLE, 0)  # programs (same uid) cannot ptrace us or open /proc/<us>/fd
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
     gc.collect()
     gc.freeze()  # keep the collector off the preloaded objects in the children (fewer page copies)
+    os.environ.pop("PWD", None)  # bwrap's; each program gets its own folder
+    hello = {
+        "ready": True,
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "outer_uid": os.environ.pop("CODERLPLUS_SANDBOX_OUTER_UID", None),  # not for programs
+        "python": sys.version.split()[0],
+    }
+    _send(wfd, hello)
     while True:
         head = _read_exact(rfd, 4)
         if head is None:
@@ -514,7 +831,7 @@ def main() -> None:
             return
         try:
             req = json.loads(body)
-            resp = run_one(req["code"], req.get("stdin", ""), cfg, base)
+            resp = run_one(req["code"], req.get("stdin", ""), cfg, base, req.get("trace"))
         except Exception as e:  # a bug here must not take the server down
             resp = {
                 "status": "killed",
@@ -522,12 +839,20 @@ def main() -> None:
                 "stderr": f"sandbox server error: {type(e).__name__}: {e}",
                 "duration_s": 0.0,
                 "returncode": None,
+                "anomaly": "server error",
+                "trace": None,
             }
-        data = json.dumps(resp).encode()
-        try:
-            _write_all(wfd, struct.pack(">I", len(data)) + data)
-        except OSError:
+        if not _send(wfd, resp):
             return
+
+
+def _send(fd: int, message: dict) -> bool:
+    data = json.dumps(message).encode()
+    try:
+        _write_all(fd, struct.pack(">I", len(data)) + data)
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

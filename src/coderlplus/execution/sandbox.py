@@ -1,62 +1,66 @@
-"""Run untrusted Python programs fast, with limits: the sandbox behind code rewards.
+"""Run untrusted Python programs fast and contained: the sandbox behind code rewards.
 
-RL runs hundreds of short programs per step, so starting an interpreter per
-program (~20-50 ms) is too slow. A :class:`Sandbox` keeps a small pool of warm
-*server* processes (``_server.py``, one per worker, started once with a scrubbed
-environment). For each program a server ``fork()``s a fresh child, so each
-program starts in a clean interpreter in a few milliseconds (about 1.6 ms of
-throughput per trivial program with 2 workers on 2 slow cores). The parent talks
-to the servers over pipes (length-prefixed JSON) and spreads
-:meth:`Sandbox.run_many` over them with one thread per server.
+RL runs hundreds of short, machine-written programs per step; they loop forever,
+allocate without bound, fork, write files, open sockets and try to kill their
+parent. A :class:`Sandbox` keeps a pool of warm *server* processes
+(``_server.py``, one per worker). For each program a server ``fork()``s a fresh
+child, so each program starts in a clean interpreter in about a millisecond,
+instead of the tens of milliseconds of a new interpreter. :meth:`Sandbox.run_many`
+spreads a whole batch over the servers.
 
-What each program gets (see ``_server.py``):
+**Isolation** (``isolation="bwrap"``, the default; see :mod:`.isolation`): every
+server lives in its own bubblewrap sandbox: user, PID, network (loopback only),
+IPC, UTS and mount namespaces; read-only system and Python folders and nothing
+else of the host (no home folders, no project, no run directories); a private
+size-capped ``/tmp``; uid 65534; an environment without secrets. Where bwrap
+cannot start (no user namespaces) the pool falls back to ``isolation="rlimit"``
+with a loud warning, or raises :class:`SandboxUnavailable` when
+``require_isolation=True``.
 
-* its own session/process group, a fresh empty temp dir as cwd (and ``HOME``,
+**Per program**, in both modes (``_server.py``):
+
+* its own session/process group, a fresh empty working folder (also ``HOME`` and
   ``TMPDIR``), removed afterwards;
-* stdin from the given string; stdout/stderr captured through pipes;
+* stdin from the given string; stdout/stderr captured through pipes and capped;
 * rlimits: address space ``memory_mb``, CPU time ``cpu_s``, file size 10 MB,
-  64 open files, no core dumps (and 1024 processes, which Linux ignores for root);
-* a wall-clock ``timeout_s``: the server kills the process group when it expires;
-  leftover descendants, even ones that called ``setsid()``, are adopted by the
-  server (a child subreaper) and killed;
-* an environment holding only ``PATH``, ``LANG``/``LC_ALL=C.UTF-8``, ``HOME``,
-  ``TMPDIR``, ``PYTHONHASHSEED=0``, ``PYTHONDONTWRITEBYTECODE=1`` (and
-  ``LD_LIBRARY_PATH`` when set, for interpreters that need it): no API keys.
+  64 open files, no core dumps, processes (64 per server inside bwrap; 1024 for
+  the user with ``rlimit``, where Linux ignores it for root);
+* a wall-clock ``timeout_s``: the server kills the process group; what escaped it
+  with ``setsid()`` is adopted by the server (a child subreaper) and killed, and
+  inside bwrap anything left dies with the server's PID namespace;
+* ``PYTHONHASHSEED=0`` and ``random`` seeded with 0, so runs are reproducible.
 
-Statuses: ``ok`` (exit 0), ``error`` (non-zero exit: an exception, ``sys.exit(n)``,
-a syntax error), ``timeout`` (wall clock or CPU limit), ``memory`` (an uncaught
-``MemoryError``, which is what hitting the address-space limit raises),
-``output_limit`` (more than ``max_output_bytes`` on stdout, or more than
+**Statuses**: ``ok`` (exit 0), ``error`` (non-zero exit: an exception,
+``sys.exit(n)``, a syntax error), ``timeout`` (wall clock or CPU limit),
+``memory`` (an uncaught ``MemoryError``, which is what the address-space limit
+raises), ``output_limit`` (more than ``max_output_bytes`` on stdout, or more than
 ``max(max_output_bytes, 1 MiB)`` on stderr), ``killed`` (a signal, e.g. a
-segfault, or the program killed its server).
+segfault, or the program killed its server). A program calling ``sys.exit(213)``
+shows as ``memory`` (the exit code the sandbox uses for it).
 
-What it does NOT isolate (this is resource limiting, not a security boundary):
+**Pool health**: a server is replaced by a fresh one after ``recycle_after``
+programs and after any anomaly (it died, did not answer, or could not clean up
+after a program). Nothing survives :meth:`Sandbox.close`, garbage collection of
+the Sandbox, or the trainer's exit (bwrap's ``--die-with-parent``; plain servers
+exit when their pipe closes).
 
-* the network: programs can open sockets (a later version adds namespaces via
-  bubblewrap);
-* the file system: programs run as the same user as the trainer and may read or
-  write any file that user can, credentials files such as ``~/.netrc`` included
-  (only their cwd is private and cleaned up);
-* other processes of the same user: a program may signal them;
-* a program running as root may raise its own rlimits (the wall-clock timeout
-  is still enforced from outside);
-* if a program kills its server, the program itself dies with it
-  (``PR_SET_PDEATHSIG``), but what it forked may survive.
+**Programs see** the standard library of the trainer's Python (no site-packages
+unless ``site_packages=True``); common modules (``math``, ``collections``,
+``re``...) are preloaded in the server, so importing them costs nothing.
+
+What ``isolation="rlimit"`` does NOT isolate: the network, the file system (the
+trainer's user may read and write its files, credentials included), other
+processes of the user; a program running as root may raise its own rlimits (the
+wall-clock timeout is still enforced from outside).
 
 Linux only (``fork``, ``pidfd_open``, ``prctl``; without pidfd it polls).
-Running out of memory in a way that is not a ``MemoryError`` (an extension
-aborting) shows as ``killed``; a program calling ``sys.exit(213)`` shows as
-``memory`` (the exit code the sandbox uses for it).
-
-Determinism: ``PYTHONHASHSEED=0`` and ``random`` seeded with 0 in every program.
-The server preloads common standard modules (``math``, ``collections``, ``re``...);
-site-packages of the trainer's interpreter are importable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import queue
@@ -65,21 +69,37 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-_SERVER_SCRIPT = Path(__file__).with_name("_server.py")
+from coderlplus.execution.isolation import (
+    ISOLATIONS,
+    IsolationUnavailable,
+    bwrap_command,
+    rlimit_command,
+    sandbox_env,
+)
+
+log = logging.getLogger("coderlplus.sandbox")
+
 # How long past the program's own timeout the parent waits for a server's answer
-# (server start-up, clean-up of what the program left) before declaring it dead.
+# (clean-up of what the program left) before declaring it dead.
 _SERVER_GRACE_S = 20.0
+_START_TIMEOUT_S = 60.0  # a server's hello (bwrap + interpreter start; slow machines)
+_BWRAP_NPROC = 64  # processes per server inside bwrap (its own user namespace counts them)
 
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot start with the requested isolation."""
 
 
 @dataclass
@@ -102,6 +122,105 @@ class ExecResult:
         return self.status == "ok"
 
 
+@dataclass
+class TraceOptions:
+    """What :meth:`Sandbox.trace` records (defaults: the paper's module-level final values)."""
+
+    entry: str | None = None
+    """Also report the locals of this function (e.g. ``"main"``) when its call from module
+    level returns; module-level names win on a clash."""
+    trajectory: bool = False
+    """Also record every change of a variable, line by line: ``[line, function, name, value]``."""
+    max_events: int = 256
+    """Trajectory length cap (``truncated`` is set when reached)."""
+    max_items: int = 64
+    """Longest list/tuple/set/dict kept; a longer one drops the variable."""
+    max_total: int = 1000
+    """Most items in one value, all nesting levels together."""
+    max_depth: int = 4
+    """Deepest nesting kept."""
+    max_str: int = 1000
+    """Longest string kept."""
+    max_digits: int = 100
+    """Largest integer kept, in decimal digits."""
+    max_variables: int = 64
+    """Most variables reported (the last bound)."""
+
+
+@dataclass
+class TraceResult:
+    """A program run with its final variable values (:meth:`Sandbox.trace`)."""
+
+    status: str
+    """As :attr:`ExecResult.status`."""
+    stdout: str
+    stderr: str
+    duration_s: float
+    returncode: int | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    """Name -> JSON-safe final value, ordered by the last line that binds the name (the
+    last bound is last). Names starting with ``_``, callables, classes and modules
+    are left out; set -> sorted list, tuple -> list, dict keys as JSON writes them."""
+    lines: dict[str, int] = field(default_factory=dict)
+    """Name -> last line of the program that binds it (0: not found in the source)."""
+    scopes: dict[str, str] = field(default_factory=dict)
+    """Name -> ``"module"`` or ``"entry"`` (a local of the ``entry`` function)."""
+    dropped: list[str] = field(default_factory=list)
+    """Names whose values have no JSON form or are too big (see :class:`TraceOptions`)."""
+    entry_found: bool = False
+    """Whether the ``entry`` function returned to module level."""
+    trajectory: list[list] | None = None
+    """``[line, function, name, value]`` per change, when asked for."""
+    truncated: bool = False
+    """The trajectory hit ``max_events``."""
+    error: str | None = None
+    """Why no variables came back although the program ran (the tracer's own failure)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class CheckResult:
+    """A program checked against a list of tests (:meth:`Sandbox.check`)."""
+
+    statuses: list[str]
+    """Per test: ``"pass"``, ``"wrong"`` (ran, but printed something else or an assert
+    failed), a run status (``"error"``, ``"timeout"``...), or ``"not_run"``."""
+    results: list[ExecResult | None]
+    """Per test: the run, or None if it was not run."""
+    no_code: bool = False
+    """There was no program to check."""
+
+    @property
+    def n_total(self) -> int:
+        return len(self.statuses)
+
+    @property
+    def n_passed(self) -> int:
+        return sum(s == "pass" for s in self.statuses)
+
+    @property
+    def passed(self) -> bool:
+        """Every test passed (False for no program or no tests)."""
+        return not self.no_code and bool(self.statuses) and self.n_passed == self.n_total
+
+    @property
+    def first_failure(self) -> int | None:
+        return next((i for i, s in enumerate(self.statuses) if s not in ("pass", "not_run")), None)
+
+    @property
+    def status(self) -> str:
+        """``"pass"``, ``"no_code"``, ``"no_tests"``, or the status of the first failing test."""
+        if self.no_code:
+            return "no_code"
+        if not self.statuses:
+            return "no_tests"
+        i = self.first_failure
+        return "pass" if i is None else self.statuses[i]
+
+
 def compare_output(actual: str, expected: str) -> bool:
     """Whether two program outputs match, tolerant of whitespace at line ends.
 
@@ -121,19 +240,37 @@ def _normalize(text: str) -> list[str]:
     return lines[start:end]
 
 
-def _scrubbed_env(home: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "HOME": home,
-        "TMPDIR": home,
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    if os.environ.get("LD_LIBRARY_PATH"):  # some interpreters cannot start without it
-        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
-    return env
+def program_for_test(code: str, test: dict) -> tuple[str, str]:
+    """The ``(program, stdin)`` that runs one test.
+
+    Two test styles:
+
+    * ``{"input": str, "output": str}``: the program reads ``input`` on stdin and must
+      print ``output`` (compared with :func:`compare_output`);
+    * ``{"code": str}``: Python run after the program in the same module, typically
+      asserts on the program's functions (HumanEval's ``check(candidate)``); passes
+      when it exits normally.
+    """
+    if isinstance(test, dict) and isinstance(test.get("code"), str):
+        return f"{code}\n\n{test['code']}\n", str(test.get("input") or "")
+    if isinstance(test, dict) and isinstance(test.get("input"), str) and isinstance(test.get("output"), str):
+        return code, test["input"]
+    raise ValueError(
+        f'a test must be {{"input": str, "output": str}} (stdin/stdout) or {{"code": str}} '
+        f"(asserts run after the program), got {test!r:.120}"
+    )
+
+
+def judge(test: dict, result: ExecResult) -> str:
+    """``"pass"``, ``"wrong"`` or the run's failure status, for a test run by :func:`program_for_test`."""
+    if "code" in test:
+        if result.status == "ok":
+            return "pass"
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        return "wrong" if result.status == "error" and last[0].startswith("AssertionError") else result.status
+    if result.status != "ok":
+        return result.status
+    return "pass" if compare_output(result.stdout, test["output"]) else "wrong"
 
 
 class _ServerDied(Exception):
@@ -143,32 +280,76 @@ class _ServerDied(Exception):
 class _Server:
     """One warm server process and the pipes to it. Not thread-safe: one user at a time."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, pool: Sandbox):
+        self.pool = pool
         self.proc: subprocess.Popen | None = None
-        self.base: str | None = None
-        self.start()
+        self.base: str | None = None  # host folder of a plain server's work dirs
+        self.log = None  # the server's stderr (bwrap's complaints, crash reports)
+        self.hello: dict = {}
+        self.served = 0
 
     def start(self) -> None:
-        self.base = tempfile.mkdtemp(prefix="coderlplus-sandbox-")
-        cfg = json.dumps(self.config | {"base": self.base})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-s", str(_SERVER_SCRIPT), cfg],
+        pool = self.pool
+        self.log = tempfile.TemporaryFile()
+        if pool.isolation == "bwrap":
+            argv, _ = bwrap_command(pool._server_cfg(), pool.site_packages, pool.tmp_mb)
+            env, cwd = sandbox_env("/tmp"), "/"
+        else:
+            self.base = tempfile.mkdtemp(prefix="coderlplus-sandbox-")
+            argv = rlimit_command(pool._server_cfg(), self.base)
+            env, cwd = sandbox_env(self.base), self.base
+        # Started from the pool's one long-lived spawner thread: bwrap's --die-with-parent
+        # fires when the *thread* that started it ends.
+        self.proc = pool._spawner.submit(
+            subprocess.Popen,
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=_scrubbed_env(self.base),
-            cwd=self.base,
+            stderr=self.log,
+            env=env,
+            cwd=cwd,
             close_fds=True,
             start_new_session=True,  # Ctrl-C in the trainer's terminal does not reach it
-        )
+        ).result()
+        self.served = 0
+        try:
+            self.hello = self._read_frame(time.monotonic() + _START_TIMEOUT_S)
+            if not self.hello.get("ready"):
+                raise _ServerDied(f"unexpected hello {self.hello!r:.200}")
+        except _ServerDied as e:
+            detail = self.stderr_tail() or str(e)
+            self.stop(kill=True)
+            raise IsolationUnavailable(f"the {pool.isolation} sandbox server did not start: {detail}") from e
 
-    def request(self, payload: bytes, wait_s: float) -> dict:
+    def stderr_tail(self, n: int = 2000) -> str:
+        if self.log is None:
+            return ""
+        try:
+            self.log.seek(0, os.SEEK_END)
+            size = self.log.tell()
+            self.log.seek(max(0, size - n))
+            return self.log.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def request(self, message: dict, wait_s: float) -> dict:
         proc = self.proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
+        if proc is None or proc.stdin is None:
             raise _ServerDied("not running")
+        payload = json.dumps(message).encode()
         try:
             _write_all(proc.stdin.fileno(), struct.pack(">I", len(payload)) + payload)
-            deadline = time.monotonic() + wait_s
+        except OSError as e:
+            raise _ServerDied(str(e) or type(e).__name__) from e
+        response = self._read_frame(time.monotonic() + wait_s)
+        self.served += 1
+        return response
+
+    def _read_frame(self, deadline: float) -> dict:
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            raise _ServerDied("not running")
+        try:
             head = _read_exact(proc.stdout.fileno(), 4, deadline)
             body = _read_exact(proc.stdout.fileno(), struct.unpack(">I", head)[0], deadline)
             return json.loads(body)
@@ -180,11 +361,11 @@ class _Server:
         self.start()
 
     def stop(self, kill: bool = False) -> None:
-        _stop_server(self.proc, self.base, kill)
-        self.proc, self.base = None, None
+        _stop_server(self.proc, self.base, self.log, kill)
+        self.proc, self.base, self.log = None, None, None
 
 
-def _stop_server(proc: subprocess.Popen | None, base: str | None, kill: bool = False) -> None:
+def _stop_server(proc: subprocess.Popen | None, base: str | None, log_file=None, kill: bool = False) -> None:
     if proc is not None:
         try:
             if not kill and proc.stdin is not None:
@@ -195,7 +376,7 @@ def _stop_server(proc: subprocess.Popen | None, base: str | None, kill: bool = F
                     kill = True
             if kill or proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)  # bwrap (or the server) and its session
                 except OSError:
                     proc.kill()
                 proc.wait(timeout=5.0)
@@ -209,15 +390,19 @@ def _stop_server(proc: subprocess.Popen | None, base: str | None, kill: bool = F
                 pass
     if base is not None:
         shutil.rmtree(base, ignore_errors=True)
+    if log_file is not None:
+        with contextlib.suppress(Exception):
+            log_file.close()
 
 
-def _shutdown(servers: list[_Server], owner_pid: int) -> None:
+def _shutdown(servers: list[_Server], owner_pid: int, spawner: ThreadPoolExecutor) -> None:
     """Stop every server (the finalizer: must not reference the Sandbox)."""
     if os.getpid() != owner_pid:
         return  # a forked copy of the trainer exiting: the servers are not its own
     for s in servers:
-        _stop_server(s.proc, s.base)
-        s.proc, s.base = None, None
+        _stop_server(s.proc, s.base, s.log)
+        s.proc, s.base, s.log = None, None, None
+    spawner.shutdown(wait=False)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -249,8 +434,28 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, stack = [], [pid]
+    while stack:
+        for kid in children.get(stack.pop(), []):
+            out.append(kid)
+            stack.append(kid)
+    return out
+
+
 class Sandbox:
-    """A pool of warm sandbox servers; see the module docstring.
+    """A pool of warm, isolated sandbox servers; see the module docstring.
 
     Args:
         timeout_s: wall-clock limit per program.
@@ -258,11 +463,16 @@ class Sandbox:
         max_output_bytes: stdout cap; more kills the program with ``"output_limit"``.
         workers: server processes (programs run in parallel); default: usable CPUs.
         cpu_s: CPU-time limit per program; default ``ceil(timeout_s) + 1``.
+        isolation: ``"bwrap"`` (namespaces, see :mod:`.isolation`) or ``"rlimit"``.
+        require_isolation: with ``"bwrap"``, raise :class:`SandboxUnavailable` instead of
+            falling back to ``"rlimit"`` when bwrap cannot start.
+        tmp_mb: size of each bwrap server's private ``/tmp`` (the programs' files).
+        recycle_after: replace a server by a fresh one after this many programs.
+        site_packages: let programs import the trainer's site-packages (read-only).
 
-    Thread-safe (not fork-safe: create one per process). ``run``/``run_many`` never
-    raise for anything a program does.
-    Use as a context manager or call :meth:`close`; servers are also stopped at
-    interpreter exit.
+    Thread-safe (not fork-safe: create one per process). ``run``/``run_many``/
+    ``check``/``trace`` never raise for anything a program does. Use as a context
+    manager or call :meth:`close`; servers are also stopped at interpreter exit.
     """
 
     def __init__(
@@ -272,11 +482,20 @@ class Sandbox:
         max_output_bytes: int = 65536,
         workers: int | None = None,
         cpu_s: float | None = None,
+        isolation: str = "bwrap",
+        require_isolation: bool = False,
+        tmp_mb: int = 64,
+        recycle_after: int = 2000,
+        site_packages: bool = False,
     ):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if max_output_bytes <= 0:
             raise ValueError(f"max_output_bytes must be positive, got {max_output_bytes}")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        if recycle_after < 1 or tmp_mb < 1:
+            raise ValueError("recycle_after and tmp_mb must be >= 1")
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb or 0)
         self.max_output_bytes = int(max_output_bytes)
@@ -284,19 +503,72 @@ class Sandbox:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.cpu_s = max(1, math.ceil(cpu_s if cpu_s is not None else math.ceil(self.timeout_s) + 1))
-        config = {
+        self.isolation = isolation
+        self.require_isolation = bool(require_isolation)
+        self.tmp_mb = int(tmp_mb)
+        self.recycle_after = int(recycle_after)
+        self.site_packages = bool(site_packages)
+        self.stats = {"programs": 0, "restarts": 0, "anomalies": 0, "server_deaths": 0}
+        """Counters since creation: programs run, servers replaced (recycling included),
+        anomalies reported by servers, servers that died under a program."""
+        self._stats_lock = threading.Lock()
+        self._servers: list[_Server] = []
+        self._pid = os.getpid()
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+        self._finalizer = weakref.finalize(self, _shutdown, self._servers, self._pid, self._spawner)
+        self._idle: queue.SimpleQueue[_Server] = queue.SimpleQueue()
+        self._closed = False
+        try:
+            self._start_servers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _server_cfg(self) -> dict:
+        return {
             "timeout_s": self.timeout_s,
             "memory_mb": self.memory_mb,
             "max_output_bytes": self.max_output_bytes,
             "cpu_s": self.cpu_s,
+            "nproc": _BWRAP_NPROC if self.isolation == "bwrap" else None,
         }
-        self._servers: list[_Server] = []
-        self._pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _shutdown, self._servers, self._pid)
-        self._idle: queue.SimpleQueue[_Server] = queue.SimpleQueue()
-        self._closed = False
-        for _ in range(self.workers):
-            server = _Server(config)
+
+    def _start_servers(self) -> None:
+        first = _Server(self)
+        try:
+            first.start()
+        except IsolationUnavailable as e:
+            if self.isolation != "bwrap":
+                raise SandboxUnavailable(str(e)) from e
+            if self.require_isolation:
+                raise SandboxUnavailable(
+                    f"{e}\nbubblewrap isolation is required (require_isolation / "
+                    "execution.require_isolation=true); fix bwrap or set isolation=rlimit."
+                ) from e
+            message = (
+                "\n" + "!" * 78 + "\n"
+                "coderlplus sandbox: bubblewrap could not start, so programs run WITHOUT namespaces\n"
+                "(isolation='rlimit': they can reach the network and this user's files).\n"
+                f"Reason: {e}\n"
+                "Set execution.require_isolation=true to make this an error.\n" + "!" * 78
+            )
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self.isolation = "rlimit"
+            first = _Server(self)
+            first.start()
+        outer = first.hello.get("outer_uid")
+        if self.isolation == "bwrap" and outer is not None and str(outer) == "0":
+            log.warning(
+                "coderlplus sandbox: bwrap runs as root outside the sandbox (could not drop to an "
+                "unprivileged uid): RLIMIT_NPROC does not apply. Server log: %s",
+                first.stderr_tail(),
+            )
+        self._servers.append(first)
+        self._idle.put(first)
+        for _ in range(self.workers - 1):
+            server = _Server(self)
+            server.start()
             self._servers.append(server)
             self._idle.put(server)
 
@@ -308,13 +580,65 @@ class Sandbox:
 
     def run_many(self, items: Sequence[tuple[str, str]]) -> list[ExecResult]:
         """Run ``(code, stdin)`` pairs in parallel over the workers; results in the same order."""
+        requests = [{"code": str(code), "stdin": str(stdin or ""), "trace": None} for code, stdin in items]
+        return [_exec_result(r) for r in self._dispatch(requests)]
+
+    def trace(self, code: str, stdin: str = "", options: TraceOptions | None = None) -> TraceResult:
+        """Run one program and return its final variable values (see :class:`TraceResult`)."""
+        return self.trace_many([(code, stdin)], options)[0]
+
+    def trace_many(
+        self, items: Sequence[tuple[str, str]], options: TraceOptions | None = None
+    ) -> list[TraceResult]:
+        """:meth:`trace` for many ``(code, stdin)`` pairs, in parallel."""
+        opts = asdict(options or TraceOptions())
+        requests = [{"code": str(code), "stdin": str(stdin or ""), "trace": opts} for code, stdin in items]
+        return [_trace_result(r) for r in self._dispatch(requests)]
+
+    def check(self, code: str | None, tests: Sequence[dict], stop_at_first_failure: bool = False) -> CheckResult:
+        """Run a program on its tests (both styles, see :func:`program_for_test`)."""
+        return self.check_many([(code, tests)], stop_at_first_failure)[0]
+
+    def check_many(
+        self, items: Sequence[tuple[str | None, Sequence[dict]]], stop_at_first_failure: bool = False
+    ) -> list[CheckResult]:
+        """Check many ``(code, tests)`` pairs; all their runs go to the pool in one batch.
+
+        With ``stop_at_first_failure`` the first test of every program runs first and
+        the others only for programs that passed it (two batches); tests not run are
+        ``"not_run"``. A ``None`` program gives ``no_code``.
+        """
+        checks = [
+            CheckResult(["not_run"] * len(tests), [None] * len(tests), no_code=code is None)
+            for code, tests in items
+        ]
+        jobs = []  # (item, test index, program, stdin)
+        for i, (code, tests) in enumerate(items):
+            for j, test in enumerate(tests):
+                program, stdin = program_for_test(code or "", test)  # validates every test first
+                jobs.append((i, j, program, stdin))
+        jobs = [job for job in jobs if items[job[0]][0] is not None]
+
+        def run_jobs(selected):
+            for (i, j, _, _), result in zip(selected, self.run_many([(p, s) for _, _, p, s in selected])):
+                checks[i].results[j] = result
+                checks[i].statuses[j] = judge(items[i][1][j], result)
+
+        if stop_at_first_failure:
+            run_jobs([job for job in jobs if job[1] == 0])
+            run_jobs([job for job in jobs if job[1] > 0 and checks[job[0]].statuses[0] == "pass"])
+        else:
+            run_jobs(jobs)
+        return checks
+
+    def _dispatch(self, requests: list[dict]) -> list[dict]:
+        """Send requests to the servers, in parallel; responses in the same order."""
         if self._closed:
             raise RuntimeError("this Sandbox is closed")
         if os.getpid() != self._pid:
             raise RuntimeError("a Sandbox cannot be used in a forked child process; create one there")
-        items = list(items)
-        results: list[ExecResult | None] = [None] * len(items)
-        next_index = iter(range(len(items)))
+        responses: list[dict | None] = [None] * len(requests)
+        next_index = iter(range(len(requests)))
         lock = threading.Lock()
 
         def work() -> None:
@@ -325,14 +649,13 @@ class Sandbox:
                         i = next(next_index, None)
                     if i is None:
                         return
-                    code, stdin = items[i]
-                    results[i] = self._execute(server, code, stdin)
+                    responses[i] = self._execute(server, requests[i])
             finally:
                 self._idle.put(server)
 
-        n_threads = min(self.workers, len(items))
+        n_threads = min(self.workers, len(requests))
         if n_threads <= 1:
-            if items:
+            if requests:
                 work()
         else:
             threads = [threading.Thread(target=work, daemon=True) for _ in range(n_threads)]
@@ -340,38 +663,56 @@ class Sandbox:
                 t.start()
             for t in threads:
                 t.join()
-        return [r if r is not None else _internal_error("no result") for r in results]
+        with self._stats_lock:
+            self.stats["programs"] += len(requests)
+        return [r if r is not None else _failure("sandbox internal error: no result") for r in responses]
 
-    def _execute(self, server: _Server, code: str, stdin: str) -> ExecResult:
+    def _execute(self, server: _Server, request: dict) -> dict:
         t0 = time.monotonic()
         try:
-            payload = json.dumps({"code": str(code), "stdin": str(stdin or "")}).encode()
-            resp = server.request(payload, wait_s=2 * self.timeout_s + _SERVER_GRACE_S)
-            return ExecResult(
-                status=str(resp["status"]),
-                stdout=str(resp["stdout"]),
-                stderr=str(resp["stderr"]),
-                duration_s=float(resp["duration_s"]),
-                returncode=resp.get("returncode"),
-            )
+            if server.proc is None:  # a restart failed earlier: try again
+                self._replace(server)
+            response = server.request(request, wait_s=2 * self.timeout_s + _SERVER_GRACE_S)
+            if response.get("anomaly"):
+                self._count("anomalies")
+                self._replace(server)
+            elif server.served >= self.recycle_after:
+                self._replace(server)
+            return response
         except _ServerDied as e:
-            # Most likely the program killed its server. Start a new one; report the program.
+            # Most likely the program killed its server (or every process it could see).
+            self._count("server_deaths")
+            tail = server.stderr_tail(500)
             with contextlib.suppress(Exception):
-                server.restart()
-            return ExecResult(
-                status="killed",
-                stdout="",
-                stderr=f"sandbox: the server process died while running this program ({e}); restarted it",
-                duration_s=time.monotonic() - t0,
-                returncode=None,
+                self._replace(server)
+            return _failure(
+                f"sandbox: the server process died while running this program ({e}); replaced it"
+                + (f"\n{tail}" if tail else ""),
+                time.monotonic() - t0,
             )
-        except Exception as e:  # a bug in the sandbox must not reach the trainer
-            return _internal_error(f"{type(e).__name__}: {e}", time.monotonic() - t0)
+        except Exception as e:  # a bug or a failed restart must not reach the trainer
+            return _failure(f"sandbox internal error: {type(e).__name__}: {e}", time.monotonic() - t0)
+
+    def _replace(self, server: _Server) -> None:
+        self._count("restarts")
+        server.restart()
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
 
     # ------------------------------------------------------------------ life cycle
 
+    def processes(self) -> list[int]:
+        """Pids of every process of this pool on the host (servers, bwrap, programs)."""
+        pids = []
+        for s in self._servers:
+            if s.proc is not None and s.proc.poll() is None:
+                pids += [s.proc.pid, *descendants(s.proc.pid)]
+        return pids
+
     def close(self) -> None:
-        """Stop the servers (idempotent)."""
+        """Stop the servers and everything they run (idempotent)."""
         self._closed = True
         self._finalizer()
 
@@ -384,9 +725,38 @@ class Sandbox:
     def __repr__(self) -> str:
         return (
             f"Sandbox(timeout_s={self.timeout_s}, memory_mb={self.memory_mb}, "
-            f"max_output_bytes={self.max_output_bytes}, workers={self.workers}, cpu_s={self.cpu_s})"
+            f"max_output_bytes={self.max_output_bytes}, workers={self.workers}, cpu_s={self.cpu_s}, "
+            f"isolation={self.isolation!r})"
         )
 
 
-def _internal_error(msg: str, duration_s: float = 0.0) -> ExecResult:
-    return ExecResult("killed", "", f"sandbox internal error: {msg}", duration_s, None)
+def _failure(msg: str, duration_s: float = 0.0) -> dict:
+    return {"status": "killed", "stdout": "", "stderr": msg, "duration_s": duration_s, "returncode": None}
+
+
+def _exec_result(r: dict) -> ExecResult:
+    return ExecResult(
+        status=str(r["status"]),
+        stdout=str(r["stdout"]),
+        stderr=str(r["stderr"]),
+        duration_s=float(r["duration_s"]),
+        returncode=r.get("returncode"),
+    )
+
+
+def _trace_result(r: dict) -> TraceResult:
+    result = TraceResult(**asdict(_exec_result(r)))
+    trace = r.get("trace")
+    if not isinstance(trace, dict):
+        return result
+    if "error" in trace:
+        result.error = str(trace["error"])
+        return result
+    result.variables = dict(trace.get("variables") or {})
+    result.lines = dict(trace.get("lines") or {})
+    result.scopes = dict(trace.get("scopes") or {})
+    result.dropped = list(trace.get("dropped") or [])
+    result.entry_found = bool(trace.get("entry_found"))
+    result.trajectory = trace.get("trajectory")
+    result.truncated = bool(trace.get("truncated"))
+    return result
