@@ -154,7 +154,9 @@ def test_private_empty_cwd(sandbox):
         "import os\nprint(os.listdir('.'))\nopen('leftover.txt', 'w').write('x')\n"
         "print(os.getcwd())\nprint(sorted(os.listdir('..')))"
     )
-    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation=sandbox.isolation) as sb:  # one server: same parent
+    with Sandbox(
+        timeout_s=TIMEOUT_S, workers=1, isolation=sandbox.isolation
+    ) as sb:  # one server: same parent
         first, second = sb.run(write), sb.run(write)
     assert first.status == second.status == "ok"
     assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0] == "[]"

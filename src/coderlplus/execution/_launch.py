@@ -18,7 +18,8 @@ If step 1 or 2 is not allowed (a container without ``CAP_SYS_ADMIN``) it says so
 on stderr and runs bwrap directly as root; the server reports the outside uid, and
 the Sandbox warns. SPEC (JSON)::
 
-    {"bwrap": path, "bwrap_dir": folder to stage for it (its libraries) or null,
+    {"bwrap": path, "bwrap_root": what to stage for it (the binary, or a folder holding it
+     and its libraries),
      "pre_args": [bwrap arguments before the binds], "ro_binds": [[source, dest], ...],
      "args": [bwrap arguments after the binds, then "--" and the command],
      "uid": int, "gid": int}
@@ -47,9 +48,7 @@ def _check(rc, what):
 
 def _stage(spec, libc):
     """Mount namespace + staged binds; returns (bwrap path, [[staged source, dest]])."""
-    sources = [src for src, _ in spec["ro_binds"]]
-    if spec.get("bwrap_dir"):
-        sources.append(spec["bwrap_dir"])
+    sources = [src for src, _ in spec["ro_binds"]] + [spec["bwrap_root"]]
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     # Opened in the new namespace (binds need its mounts), before /tmp is covered.
@@ -67,10 +66,7 @@ def _stage(spec, libc):
         os.close(fd)
         staged.append(dest)
     binds = [[staged[i], dest] for i, (_, dest) in enumerate(spec["ro_binds"])]
-    bwrap = spec["bwrap"]
-    if spec.get("bwrap_dir"):
-        bwrap = staged[-1] + bwrap[len(spec["bwrap_dir"]) :]
-    return bwrap, binds
+    return staged[-1] + spec["bwrap"][len(spec["bwrap_root"]) :], binds
 
 
 def main():

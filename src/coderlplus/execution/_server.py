@@ -502,6 +502,7 @@ def _child(code, stdin, out_w, err_w, trace_w, trace_opts, workdir, cfg, server_
     tracer = None
     try:
         os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's handler is not the program's
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the server
         if os.getppid() != server_pid:
             os._exit(EXIT_SETUP)
@@ -661,7 +662,11 @@ def _remove_dir(path: str) -> bool:
     return not os.path.exists(path)
 
 
+_running_child = 0  # pid of the program running now (0: none)
+
+
 def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None = None) -> dict:
+    global _running_child
     timeout_s = float(cfg["timeout_s"])
     out = _Capture(int(cfg["max_output_bytes"]))
     err = _Capture(max(int(cfg["max_output_bytes"]), 1 << 20), keep_tail=STDERR_TAIL_BYTES)
@@ -679,6 +684,7 @@ def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None
         pid = os.fork()
         if pid == 0:
             _child(code, stdin, out_w, err_w, trace_w, trace_opts, workdir, cfg, server_pid)
+        _running_child = pid
         for fd in (out_w, err_w, trace_w):
             if fd >= 0:
                 os.close(fd)
@@ -726,6 +732,7 @@ def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
         _, wstatus, rusage = os.wait4(pid, 0)
+        _running_child = 0
         duration = time.monotonic() - t0
         if not _reap_orphans():
             anomaly = "processes left by the program would not die"
@@ -807,6 +814,12 @@ def main() -> None:
     # No '' (the cwd) on the path; the trainer's site-packages only when the config offers them.
     sys.path[:] = [p for p in sys.path if p not in ("", ".")] + list(cfg.get("site_dirs") or [])
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of programs are re-parented to us
+    # When the trainer dies, take the running program and everything it left down with us.
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, _on_parent_death)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        _on_parent_death()
     _prctl(_PR_SET_DUMPABLE, 0)  # programs (same uid) cannot ptrace us or open /proc/<us>/fd
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
@@ -844,6 +857,17 @@ def main() -> None:
             }
         if not _send(wfd, resp):
             return
+
+
+def _on_parent_death(*_) -> None:
+    with contextlib.suppress(OSError):
+        if _running_child:
+            os.killpg(_running_child, signal.SIGKILL)
+    for _ in range(3):
+        for pid in _children_of(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    os._exit(0)
 
 
 def _send(fd: int, message: dict) -> bool:

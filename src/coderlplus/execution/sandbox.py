@@ -290,7 +290,7 @@ class _Server:
 
     def start(self) -> None:
         pool = self.pool
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         if pool.isolation == "bwrap":
             argv, _ = bwrap_command(pool._server_cfg(), pool.site_packages, pool.tmp_mb)
             env, cwd = sandbox_env("/tmp"), "/"
@@ -595,7 +595,9 @@ class Sandbox:
         requests = [{"code": str(code), "stdin": str(stdin or ""), "trace": opts} for code, stdin in items]
         return [_trace_result(r) for r in self._dispatch(requests)]
 
-    def check(self, code: str | None, tests: Sequence[dict], stop_at_first_failure: bool = False) -> CheckResult:
+    def check(
+        self, code: str | None, tests: Sequence[dict], stop_at_first_failure: bool = False
+    ) -> CheckResult:
         """Run a program on its tests (both styles, see :func:`program_for_test`)."""
         return self.check_many([(code, tests)], stop_at_first_failure)[0]
 

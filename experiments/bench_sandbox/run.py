@@ -1,0 +1,314 @@
+"""Sandbox throughput: our warm server pool (bwrap / rlimit) vs a fresh interpreter per program.
+
+Measures, in one run and side by side:
+
+(a) executions/second of ``run_many`` on a trivial program (``print(sum(range(100)))``);
+(b) executions/second on TinyCode reference solutions, each run on each of its tests and
+    checked (every one must pass);
+(c) the overhead of ``trace_many`` over ``run_many`` on the TinyCode runs of (b).
+
+Executors:
+
+* ``pool-bwrap``: ``Sandbox(isolation="bwrap", require_isolation=True)`` (the default);
+* ``pool-rlimit``: ``Sandbox(isolation="rlimit")``;
+* ``baseline``: the approach of the official CodeRL+ code: every program is written to a
+  file and run by a fresh ``subprocess.run([sys.executable, file], input=stdin,
+  capture_output=True, timeout=...)``, with as many parallel workers (threads) as the pools.
+
+Every executor is started and warmed up before timing; the order of the executors rotates
+from one repeat to the next, and the tables report the median over the repeats.
+
+    .venv/bin/python experiments/bench_sandbox/run.py            # ~1.5 min on 2 cores
+    .venv/bin/python experiments/bench_sandbox/run.py --quick    # smoke test, a few seconds
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before anything imports a numeric library
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from coderlplus.execution import ExecResult, Sandbox, judge, program_for_test
+from coderlplus.execution.isolation import bwrap_version, find_bwrap
+from coderlplus.tasks.tinycode import generate_split
+
+HERE = Path(__file__).resolve().parent
+TRIVIAL = "print(sum(range(100)))"
+TRIVIAL_OUT = "4950"
+EXECUTORS = ("baseline", "pool-bwrap", "pool-rlimit")
+
+Item = tuple[str, str]  # (program, stdin)
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+class Baseline:
+    """One fresh ``sys.executable`` process per program, ``workers`` at a time."""
+
+    name = "baseline"
+
+    def __init__(self, workers: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.dir = tempfile.TemporaryDirectory(prefix="bench-sandbox-baseline-")
+        self.threads = ThreadPoolExecutor(max_workers=workers)
+
+    def _run_one(self, index: int, code: str, stdin: str) -> ExecResult:
+        path = os.path.join(self.dir.name, f"prog_{index}.py")
+        with open(path, "w") as f:
+            f.write(code)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(
+                [sys.executable, path],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                cwd=self.dir.name,
+            )
+            status = "ok" if p.returncode == 0 else "error"
+            result = ExecResult(status, p.stdout, p.stderr, time.perf_counter() - t0, p.returncode)
+        except subprocess.TimeoutExpired:
+            result = ExecResult("timeout", "", "", time.perf_counter() - t0, None)
+        finally:
+            os.remove(path)
+        return result
+
+    def run_many(self, items: Sequence[Item]) -> list[ExecResult]:
+        return list(self.threads.map(self._run_one, range(len(items)), *zip(*items)))
+
+    def close(self) -> None:
+        self.threads.shutdown()
+        self.dir.cleanup()
+
+
+class Pool:
+    """Our :class:`Sandbox`, with one isolation mode."""
+
+    def __init__(self, isolation: str, workers: int, timeout_s: float):
+        self.name = f"pool-{isolation}"
+        t0 = time.perf_counter()
+        self.sandbox = Sandbox(
+            timeout_s=timeout_s, memory_mb=512, workers=workers, isolation=isolation, require_isolation=True
+        )
+        self.startup_s = time.perf_counter() - t0
+
+    def run_many(self, items: Sequence[Item]) -> list[ExecResult]:
+        return self.sandbox.run_many(items)
+
+    def close(self) -> None:
+        self.sandbox.close()
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def tinycode_jobs(n_tasks: int) -> tuple[list[Item], list[dict]]:
+    """(program, stdin) of every (reference solution, test) pair of ``n_tasks`` problems, and the tests."""
+    items, tests = [], []
+    for row in generate_split("train", n_tasks, seed=0):
+        for test in row["tests"]:
+            items.append(program_for_test(row["solution"], test))
+            tests.append(test)
+    return items, tests
+
+
+def n_failed(results: Sequence[ExecResult], tests: Sequence[dict]) -> int:
+    return sum(judge(test, r) != "pass" for test, r in zip(tests, results))
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def machine_facts() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    bwrap = find_bwrap()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+            timeout=10,
+        ).stdout.strip()
+        commit = (commit + (" (+ uncommitted changes)" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {
+        "CPU": cpu,
+        "cores (usable / online)": f"{usable} / {os.cpu_count()}",
+        "Python": f"{platform.python_version()} ({sys.executable})",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "bwrap": f"{bwrap} {'.'.join(map(str, bwrap_version(bwrap)))}" if bwrap else "not found",
+        "commit": commit,
+    }
+
+
+def fmt_seconds(times: list[float]) -> str:
+    med = statistics.median(times)
+    return f"{med:.2f}" if len(times) == 1 else f"{med:.2f} ({min(times):.2f}–{max(times):.2f})"
+
+
+def throughput_table(times: dict[tuple[str, str], list[float]], sizes: dict[str, int]) -> str:
+    rows = [
+        "| executor | workload | programs | seconds (median; min–max) | exec/s | speed-up vs baseline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for workload, n in sizes.items():
+        base = statistics.median(times["baseline", workload])
+        for name in EXECUTORS:
+            med = statistics.median(times[name, workload])
+            rows.append(
+                f"| {name} | {workload} | {n} | {fmt_seconds(times[name, workload])} | "
+                f"{n / med:,.0f} | {base / med:.1f}× |"
+            )
+    return "\n".join(rows)
+
+
+def trace_table(trace_times: dict[tuple[str, str], list[float]], n: int) -> str:
+    rows = [
+        "| executor | programs | run_many s | trace_many s | trace / run |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in EXECUTORS[1:]:
+        run_s = statistics.median(trace_times[name, "run"])
+        trace_s = statistics.median(trace_times[name, "trace"])
+        rows.append(f"| {name} | {n} | {run_s:.2f} | {trace_s:.2f} | {trace_s / run_s:.2f}× |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-trivial", type=int, default=1000, help="trivial programs per repeat")
+    ap.add_argument("--n-tasks", type=int, default=100, help="TinyCode problems (4 tests each)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="parallel workers (default: usable CPUs)")
+    ap.add_argument("--timeout", type=float, default=2.0, help="per-program wall-clock limit, seconds")
+    ap.add_argument("--out", default=None, help=f"results file (default {HERE / 'results.md'}; '' for none)")
+    ap.add_argument("--quick", action="store_true", help="small numbers for a smoke test; writes no file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_trivial, args.n_tasks, args.repeats = 60, 10, 1
+    if args.out is None:
+        args.out = "" if args.quick else str(HERE / "results.md")
+    workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+    trivial = [(TRIVIAL, "")] * args.n_trivial
+    tasks, tests = tinycode_jobs(args.n_tasks)
+    print(
+        f"{args.n_trivial} trivial programs, {len(tasks)} TinyCode (program, test) pairs "
+        f"({args.n_tasks} problems), {workers} workers, {args.repeats} repeat(s)",
+        flush=True,
+    )
+
+    executors = {
+        "baseline": Baseline(workers, args.timeout),
+        "pool-bwrap": Pool("bwrap", workers, args.timeout),
+        "pool-rlimit": Pool("rlimit", workers, args.timeout),
+    }
+    failures: list[str] = []
+    try:
+        warm = trivial[: 4 * workers] + tasks[: 4 * workers]
+        for ex in executors.values():
+            ex.run_many(warm)
+            if isinstance(ex, Pool):
+                ex.sandbox.trace_many(warm)
+
+        times: dict[tuple[str, str], list[float]] = {}
+        trace_times: dict[tuple[str, str], list[float]] = {}
+        for rep in range(args.repeats):
+            order = EXECUTORS[rep % 3 :] + EXECUTORS[: rep % 3]
+            for name in order:
+                ex = executors[name]
+                dt, results = timed(lambda ex=ex: ex.run_many(trivial))
+                times.setdefault((name, "trivial"), []).append(dt)
+                bad = sum(r.status != "ok" or r.stdout.strip() != TRIVIAL_OUT for r in results)
+                if bad:
+                    failures.append(f"{name}: {bad} trivial programs failed, e.g. {results[0]!r:.300}")
+
+                dt, results = timed(lambda ex=ex: ex.run_many(tasks))
+                times.setdefault((name, "tinycode"), []).append(dt)
+                if n_fail := n_failed(results, tests):
+                    failures.append(f"{name}: {n_fail}/{len(tasks)} TinyCode tests did not pass")
+
+                if isinstance(ex, Pool):  # (c): trace_many vs run_many, alternating which goes first
+                    pair = [("run", ex.sandbox.run_many), ("trace", ex.sandbox.trace_many)]
+                    for kind, fn in pair if rep % 2 else pair[::-1]:
+                        dt, results = timed(lambda fn=fn: fn(tasks))
+                        trace_times.setdefault((name, kind), []).append(dt)
+                        if n_fail := n_failed(results, tests):
+                            failures.append(f"{name} {kind}_many: {n_fail}/{len(tasks)} tests did not pass")
+                        if kind == "trace" and not all(r.variables for r in results):
+                            failures.append(f"{name} trace_many: some traces have no variables")
+            print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+        startup = {name: ex.startup_s for name, ex in executors.items() if isinstance(ex, Pool)}
+    finally:
+        for ex in executors.values():
+            ex.close()
+
+    facts = machine_facts()
+    sizes = {"trivial": args.n_trivial, "tinycode": len(tasks)}
+    report = "\n".join(
+        [
+            "## Throughput (a, b)",
+            "",
+            throughput_table(times, sizes),
+            "",
+            "## trace_many overhead on the TinyCode runs (c)",
+            "",
+            trace_table(trace_times, len(tasks)),
+            "",
+            "Pool start-up (not timed above): "
+            + ", ".join(f"{name} {s:.2f} s" for name, s in startup.items())
+            + f"; {workers} workers, timeout {args.timeout:g} s, memory 512 MB, "
+            + f"median of {args.repeats} repeat(s), executor order rotated per repeat.",
+            "",
+            "## Machine",
+            "",
+            *(f"- {key}: {value}" for key, value in facts.items()),
+            f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        ]
+    )
+    command = "python experiments/bench_sandbox/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print()
+    print(report)
+    if args.out:
+        Path(args.out).write_text(f"# Sandbox throughput\n\nCommand: `{command.strip()}`\n\n{report}\n")
+        print(f"\nwrote {args.out}")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
