@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["WANDB_MODE"] = "disabled"
@@ -59,3 +62,50 @@ def tiny_model(tiny_model_dir):
     from coderlplus.models.hf import load_causal_lm
 
     return load_causal_lm(tiny_model_dir)
+
+
+SERVER_MARK = b"A sandbox server: a warm Python process"  # in every sandbox process's command line
+
+_REAPER = r"""
+import ctypes, json, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of the run come to us
+rc = subprocess.call(sys.argv[2:])
+time.sleep(0.3)
+left = []
+for name in os.listdir("/proc"):
+    if name.isdigit():
+        try:
+            stat = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+            if int(stat[1]) == os.getpid() and stat[0] != "Z":
+                left.append((int(name), open(f"/proc/{name}/cmdline", "rb").read()[:200].decode(errors="replace")))
+        except OSError:
+            pass
+json.dump(left, open(sys.argv[1], "w"))
+sys.exit(rc)
+"""
+
+
+def run_and_find_leftovers(argv: list[str], tmp_path, **kwargs):
+    """Run a command; return (CompletedProcess, processes it left running).
+
+    The command runs under a child subreaper, so whatever it leaves behind (even
+    double-forked or ``setsid`` processes) is re-parented there and found, and
+    sandboxes of other processes on the machine are not counted.
+    """
+    report = tmp_path / "leftovers.json"
+    out = subprocess.run([sys.executable, "-c", _REAPER, str(report), *argv], **kwargs)
+    return out, json.loads(report.read_text()) if report.exists() else None
+
+
+def sandbox_pids() -> set[int]:
+    """Pids of every live sandbox process on this machine (servers, bwrap, programs)."""
+    pids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if SERVER_MARK in f.read():
+                        pids.add(int(name))
+            except OSError:
+                pass
+    return pids

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_and_find_leftovers, sandbox_pids
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -42,8 +42,10 @@ def test_two_step_run_changes_parameters_and_logs_finite_metrics(tiny_model_dir,
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     try:
         summary = trainer.fit()
+        pool = trainer.sandbox.processes()
     finally:
         trainer.close()
+    assert pool and not set(pool) & sandbox_pids(), "sandbox processes outlived the trainer"
     after = trainer.policy.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, "RL did not update the parameters"
@@ -57,6 +59,7 @@ def test_two_step_run_changes_parameters_and_logs_finite_metrics(tiny_model_dir,
     for r in rows:
         for k, v in r.items():
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+    assert rows[1]["sandbox/programs"] >= 1 and rows[1]["sandbox/server_deaths"] == 0
     for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "reward/mean", "reward/pass_rate"):
         assert key in rows[1], key
     assert abs(rows[1]["actor/ratio_mean"] - 1.0) < 1e-3  # on-policy: sampler log-probs are exact
@@ -90,7 +93,7 @@ def test_resume_auto_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path
 def test_cli_run_leaves_metrics_and_checkpoint(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "x"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run(
+    out, leftovers = run_and_find_leftovers(
         [
             sys.executable,
             "-m",
@@ -102,12 +105,14 @@ def test_cli_run_leaves_metrics_and_checkpoint(tiny_model_dir, tmp_path):
             "model=hf",
             f"model.path={tiny_model_dir}",
         ],
+        tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert leftovers == [], "the run left processes behind"
     assert (run_dir / "metrics.jsonl").exists()
     assert (run_dir / "checkpoints" / "step_000002" / "model" / "config.json").exists()
     assert "pass@1" in out.stdout and "before RL" in out.stdout

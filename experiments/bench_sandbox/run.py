@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
         ]
     )
-    command = "python experiments/bench_sandbox/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/bench_sandbox/run.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     print()
     print(report)
     if args.out:

@@ -375,11 +375,18 @@ def _stop_server(proc: subprocess.Popen | None, base: str | None, log_file=None,
                 except subprocess.TimeoutExpired:
                     kill = True
             if kill or proc.poll() is None:
+                # Everything below it first (inside bwrap: its init, the server, programs; they
+                # would die with it anyway, but a moment later), then bwrap or the server.
+                inside = descendants(proc.pid)
+                for pid in inside:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # bwrap (or the server) and its session
+                    os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:
                     proc.kill()
                 proc.wait(timeout=5.0)
+                _wait_gone(inside, 2.0)
         except Exception:
             pass
         for f in (proc.stdin, proc.stdout):
@@ -393,6 +400,23 @@ def _stop_server(proc: subprocess.Popen | None, base: str | None, log_file=None,
     if log_file is not None:
         with contextlib.suppress(Exception):
             log_file.close()
+
+
+def _wait_gone(pids: list[int], wait_s: float) -> None:
+    """Wait until processes that are not our children have died (up to ``wait_s``)."""
+    end = time.monotonic() + wait_s
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if _alive(p)]
+        if pids:
+            time.sleep(0.005)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _shutdown(servers: list[_Server], owner_pid: int, spawner: ThreadPoolExecutor) -> None:
