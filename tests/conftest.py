@@ -46,6 +46,7 @@ TEST_MODEL = dict(
     n_train=1500,
     warm_start_steps=250,
     warm_start_lr=3e-3,
+    warm_start_align_frac=0.15,
 )
 
 

@@ -135,3 +135,45 @@ def test_eval_cli_reports_pass_at_1(tiny_model_dir, tmp_path):
     assert len(lines) == 6
     assert results["test/pass@1"] == sum(json.loads(x)["passed"] for x in lines) / 6
     assert "| test | 6 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_coderlplus_run_mixes_alignment_prompts_and_resumes_the_buffer(tiny_model_dir, tmp_path):
+    overrides = [
+        *SMOKE,
+        "model=hf",
+        f"model.path={tiny_model_dir}",
+        "reward=coderlplus",
+        "alignment.enabled=true",
+        "alignment.ratio=0.5",
+        "alignment.failed_only=false",  # so the buffer fills after one step whatever the model does
+        "trainer.max_steps=3",
+        "trainer.eval_max_tasks=2",
+    ]
+    trainer = Trainer(_resolved(overrides), tmp_path)
+    try:
+        trainer.fit()
+        buffered = len(trainer.alignment.buffer)
+    finally:
+        trainer.close()
+    rows = [r for r in _rows(tmp_path) if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "batch/align_share" not in rows[0] and rows[0]["align/added"] >= 4
+    for r in rows[1:]:  # 4 of 8 prompts x 4 rollouts each are alignment tasks once the buffer has 4
+        assert r["batch/align_share"] == 0.5 and r["batch/codegen_share"] == 0.5
+        for key in ("align/accuracy", "align/format_rate", "align/item_accuracy", "reward/align/mean"):
+            assert math.isfinite(r[key]), key
+    assert trainer.code_seen == 8 + 4 + 4  # the epoch counts code-generation prompts only
+    ckpt = tmp_path / "checkpoints" / "step_000003"
+    assert json.loads((ckpt / "state.json").read_text())["code_seen"] == 16
+    resumed = Trainer(_resolved([*overrides, "trainer.resume=auto"]), tmp_path)
+    try:
+        assert len(resumed.alignment.buffer) == buffered > 0 and resumed.code_seen == 16
+    finally:
+        resumed.close()
+
+
+def test_alignment_without_an_align_reward_is_a_config_error():
+    from coderlplus.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward=coderlplus"):
+        _resolved([*SMOKE, "alignment.enabled=true"])

@@ -40,6 +40,7 @@ def save_checkpoint(
     scheduler,
     state: dict[str, Any],
     keep_last: int = 2,
+    extra_json: dict[str, Any] | None = None,
 ) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,8 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    for name, value in (extra_json or {}).items():  # e.g. alignment.json: the alignment buffer
+        (tmp / f"{name}.json").write_text(json.dumps(value))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coderlplus.tasks.alignment import KIND as ALIGN_KIND
+from coderlplus.tasks.alignment import AlignmentConfig
 from coderlplus.registry import (
     ALGORITHMS,
     MODELS,
@@ -178,6 +180,7 @@ STATIC_GROUPS: dict[str, dict[str, Any]] = {
     "optim": {"adamw": OptimConfig()},
     "execution": {"local": ExecutionConfig()},
     "logger": {"wandb": LoggerConfig(), "none": LoggerConfig(wandb_mode="disabled")},
+    "alignment": {"default": AlignmentConfig()},
 }
 STATIC_SCHEMAS = {group: type(next(iter(opts.values()))) for group, opts in STATIC_GROUPS.items()}
 
@@ -221,6 +224,7 @@ class ResolvedConfig:
     optim: OptimConfig
     execution: ExecutionConfig
     logger: LoggerConfig
+    alignment: AlignmentConfig
 
 
 def resolve_plugin(group: str, values: dict[str, Any] | None) -> tuple[str, Any]:
@@ -251,4 +255,9 @@ def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
             "reward: expected a mapping task kind -> {reward name: options}, e.g. reward=outcome"
         )
     out["reward"] = reward
+    if out["alignment"].enabled and ALIGN_KIND not in reward:
+        raise ConfigError(
+            f"alignment.enabled=true makes {ALIGN_KIND!r} tasks, but the reward config scores only "
+            f"{sorted(reward)}; use reward=coderlplus (or add reward.{ALIGN_KIND}.trace_alignment)"
+        )
     return ResolvedConfig(**out)

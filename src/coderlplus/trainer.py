@@ -29,6 +29,7 @@ from coderlplus.ops import micro_batch_weight, sequence_logprobs
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
 from coderlplus.reward import RewardRouter
 from coderlplus.sampler.base import encode_prompts
+from coderlplus.tasks.alignment import Alignment, alignment_metrics
 from coderlplus.types import RewardOutput, Rollout, RolloutBatch, Task
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
             sum(any(isinstance(v, dict) and "reward_error" in v for v in s.info.values()) for s in scores)
         ),
     }
+    kinds = [r.task.kind for r in rollouts]
+    for kind in sorted(set(kinds)):
+        of_kind = [x for x, k in zip(rewards, kinds) if k == kind]
+        m[f"reward/{kind}/mean"] = float(np.mean(of_kind))
+        m[f"batch/{kind}_share"] = len(of_kind) / len(rollouts)
     if judged:
         m["reward/pass_rate"] = sum(st == "pass" for st in judged) / len(judged)
         for st in sorted(set(judged)):
@@ -112,6 +118,16 @@ class Trainer:
         self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
         source = TASK_SOURCES.get(cfg.data_name)(cfg.data)
         max_prompt = getattr(cfg.model, "max_prompt_tokens", None)
+        # CodeRL+: alignment tasks harvested from failed rollouts, mixed into later batches.
+        self.alignment = None
+        if cfg.alignment.enabled:
+            self.alignment = Alignment(
+                cfg.alignment,
+                self.sandbox,
+                prompt_tokens=lambda task: len(encode_prompts(self.tokenizer, [task])[0]),
+                max_prompt_tokens=max_prompt,
+                seed=cfg.seed,
+            )
         self.train_tasks = self._fit_prompts(source.load("train"), "train", max_prompt)
         self.eval_tasks = {
             s: self._fit_prompts(source.load(s), s, max_prompt)[: tc.eval_max_tasks] for s in tc.eval_splits
@@ -131,6 +147,7 @@ class Trainer:
         )
         self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
+        self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
         self._order_epoch, self._order = -1, []
         self._maybe_resume()
 
@@ -175,17 +192,28 @@ class Trainer:
             path = Path(resume)
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
         self.step = int(state["step"])
+        self.code_seen = int(state.get("code_seen", self.step * self.cfg.trainer.prompts_per_step))
+        if self.alignment is not None and (path / "alignment.json").exists():
+            self.alignment.load_state_dict(json.loads((path / "alignment.json").read_text()))
         log.warning("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the loop
-    def next_tasks(self, step: int) -> list[Task]:
-        """The prompts of ``step`` (1-based): a seeded reshuffle of the train set per epoch."""
-        n, k = len(self.train_tasks), self.cfg.trainer.prompts_per_step
-        out = []
-        for pos in range((step - 1) * k, step * k):
+    def next_tasks(self) -> list[Task]:
+        """The next batch's prompts: code-generation tasks, plus alignment tasks once there are some.
+
+        Code-generation prompts walk a seeded reshuffle of the train set per epoch (the
+        epoch is defined by them); with alignment on, ``alignment.ratio`` of the batch
+        comes from the alignment buffer once it holds enough.
+        """
+        k = self.cfg.trainer.prompts_per_step
+        n_align = self.alignment.n_align(k) if self.alignment is not None else 0
+        n = len(self.train_tasks)
+        code = []
+        for pos in range(self.code_seen, self.code_seen + k - n_align):
             epoch, i = divmod(pos, n)
-            out.append(self.train_tasks[self._epoch_order(epoch)[i]])
-        return out
+            code.append(self.train_tasks[self._epoch_order(epoch)[i]])
+        self.code_seen += len(code)
+        return code + (self.alignment.sample(n_align) if n_align else [])
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The train-set permutation of ``epoch``: a function of (seed, epoch) only, so resume replays it."""
@@ -198,9 +226,11 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         tc, ac = self.cfg.trainer, self.cfg.algorithm
         t0 = time.perf_counter()
-        rollouts = self.sampler.generate(self.next_tasks(step), tc.group_size)
+        rollouts = self.sampler.generate(self.next_tasks(), tc.group_size)
         t1 = time.perf_counter()
         scores = self.reward(rollouts)
+        t_reward = time.perf_counter() - t1
+        align_metrics = self.alignment.after_step(rollouts, scores, step) if self.alignment else {}
         t2 = time.perf_counter()
         batch = make_batch(rollouts, scores, self.tokenizer.pad_token_id)
         if self.reference is not None:
@@ -213,9 +243,11 @@ class Trainer:
         self.sampler.update_weights()
         t4 = time.perf_counter()
         metrics |= reward_metrics(rollouts, scores, tc.group_size)
+        metrics |= align_metrics | alignment_metrics(rollouts, scores)
         metrics |= {
             "timing/sample_s": t1 - t0,
-            "timing/reward_s": t2 - t1,
+            "timing/reward_s": t_reward,
+            "timing/align_harvest_s": t2 - t1 - t_reward,
             "timing/logprob_s": t3 - t2,
             "timing/update_s": t4 - t3,
             "timing/step_s": t4 - t0,
@@ -303,8 +335,9 @@ class Trainer:
             self.tokenizer,
             self.optimizer,
             self.scheduler,
-            {"seed": self.cfg.seed},
+            {"seed": self.cfg.seed, "code_seen": self.code_seen},
             keep_last=self.cfg.trainer.keep_last,
+            extra_json={"alignment": self.alignment.state_dict()} if self.alignment else None,
         )
 
     def fit(self) -> dict[str, Any]:

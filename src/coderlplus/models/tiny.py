@@ -7,8 +7,11 @@ Built on first use and cached, so the main job runs offline on a CPU:
    transformers reloads it as ``Qwen2Tokenizer`` with the same ids) and a
    ChatML chat template (``<|im_start|>`` / ``<|im_end|>``, eos = ``<|im_end|>``);
 2. a ~1.7M-parameter ``Qwen2ForCausalLM`` is initialised from a seed;
-3. a short *warm start* (supervised fine-tuning on TinyCode train solutions)
-   makes it decent but far from perfect, leaving room for RL.
+3. a short *warm start* (supervised fine-tuning on TinyCode train solutions and,
+   for a share ``warm_start_align_frac`` of the examples, on CodeRL+ alignment
+   tasks: a program, an input, and the traced output and variables as the JSON
+   answer, in the harvester's own prompt format) makes it decent but far from
+   perfect, leaving room for RL.
 
 The warm-start demonstrations come from a deliberately **sloppy teacher** that
 makes two classic slips of real SFT data, each with probability
@@ -45,7 +48,7 @@ from coderlplus.registry import ConfigError, register_model
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 3  # bump when the build recipe changes, so old caches are not reused
+BUILD_VERSION = 4  # bump when the build recipe changes, so old caches are not reused
 PAD, BOS_CHAT, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -83,14 +86,16 @@ class TinyModelConfig:
     """TinyCode seed of the warm-start problems (the RL train split)."""
     n_train: int = 4000
     """Number of TinyCode train problems the tokenizer and the warm start see."""
-    warm_start_steps: int = 300
-    """Supervised fine-tuning steps on TinyCode train solutions (0 = random init)."""
+    warm_start_steps: int = 450
+    """Supervised fine-tuning steps on TinyCode train solutions and alignment tasks (0 = random init)."""
     warm_start_batch_size: int = 32
     """Examples per warm-start step."""
     warm_start_lr: float = 2e-3
     """Peak learning rate of the warm start (cosine decay to 10%)."""
     warm_start_noise: float = 0.6
     """Probability of each sloppy-teacher slip (off-by-one loop end, >= for >) where it applies."""
+    warm_start_align_frac: float = 0.25
+    """Share of warm-start examples that are alignment tasks (predict a program's output and variables)."""
     max_prompt_tokens: int = 256
     """Prompts longer than this are dropped (with a warning) before sampling."""
     rebuild: bool = False
@@ -112,6 +117,8 @@ class TinyModelConfig:
                 raise ConfigError(f"model.{name} must be >= 0")
         if not 0 <= self.warm_start_noise <= 1:
             raise ConfigError(f"model.warm_start_noise={self.warm_start_noise} must be in [0, 1]")
+        if not 0 <= self.warm_start_align_frac < 1:
+            raise ConfigError(f"model.warm_start_align_frac={self.warm_start_align_frac} must be in [0, 1)")
 
     def build_key(self) -> str:
         """A hash of everything that changes the built model."""
@@ -142,22 +149,56 @@ def sloppy_teacher(solution: str, rng: random.Random, noise: float) -> str:
 
 
 def _warm_start_rows(cfg: TinyModelConfig) -> tuple[list[dict], list[str]]:
-    """TinyCode train rows (solutions as the sloppy teacher writes them) and their prompt texts."""
+    """Warm-start rows ``{"prompt": messages, "response": text}`` and their prompt texts.
+
+    Code generation: TinyCode train problems, solved as the sloppy teacher writes them.
+    Alignment (``warm_start_align_frac`` of all rows): sloppy solutions of other train
+    problems traced on their first test input, asked and answered exactly as
+    :mod:`coderlplus.tasks.alignment` asks (the answer: one reasoning line, then the JSON).
+    """
     from coderlplus.tasks.tinycode import TinyCodeConfig, TinyCodeSource
 
     source = TinyCodeSource(TinyCodeConfig(seed=cfg.data_seed, n_train=cfg.n_train))
-    tasks = source.load("train")
+    tasks = [t for t in source.load("train") if t.payload.get("reference")]
     rng = random.Random(cfg.seed + 7919)
+    programs = [sloppy_teacher(t.payload["reference"], rng, cfg.warm_start_noise) for t in tasks]
     rows = [
-        {"prompt": t.prompt, "solution": sloppy_teacher(t.payload["reference"], rng, cfg.warm_start_noise)}
-        for t in tasks
-        if t.payload.get("reference")
+        {"prompt": t.prompt, "response": response_text(p), "kind": "codegen"} for t, p in zip(tasks, programs)
     ]
+    n_align = round(len(rows) * cfg.warm_start_align_frac / (1 - cfg.warm_start_align_frac))
+    if n_align:
+        picked = [rng.randrange(len(tasks)) for _ in range(n_align)]
+        rows += _alignment_rows([tasks[i] for i in picked], [programs[i] for i in picked])
     return rows, [r["prompt"][-1]["content"] for r in rows]
 
 
+ALIGN_REASONING = "I run the program on this input and track each variable."
+
+
+def _alignment_rows(tasks, programs: list[str]) -> list[dict]:
+    """Alignment demonstrations: the traced output and last three variables, as the JSON answer."""
+    from coderlplus.execution import Sandbox
+    from coderlplus.tasks.alignment import AlignmentConfig, choose_variables, make_alignment_task
+
+    acfg = AlignmentConfig()
+    jobs = [(p, t.payload["tests"][0]["input"]) for t, p in zip(tasks, programs)]
+    with Sandbox(timeout_s=2.0, isolation="bwrap") as sandbox:
+        traces = sandbox.trace_many(jobs)
+    rows = []
+    for (code, stdin), trace in zip(jobs, traces):
+        if trace.status != "ok" or not trace.stdout.strip() or trace.dropped or not trace.variables:
+            continue
+        variables = choose_variables(trace, acfg.max_variables, "last", random.Random(0))
+        task = make_alignment_task(code, stdin, trace.stdout, variables, acfg.template, "warm", {})
+        # Variables first: the model writes the state before the output it determines
+        # (the reward reads the keys in any order).
+        answer = json.dumps({"variables": variables, "final_output": trace.stdout})
+        rows.append({"prompt": task.prompt, "response": f"{ALIGN_REASONING}\n{answer}", "kind": "align"})
+    return rows
+
+
 def response_text(solution: str) -> str:
-    """The assistant turn the warm start teaches: one fenced python block."""
+    """The assistant turn the code-generation warm start teaches: one fenced python block."""
     return f"```python\n{solution.strip()}\n```"
 
 
@@ -200,7 +241,7 @@ def _tokenize_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], lis
         p = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)
         if isinstance(p, dict) or hasattr(p, "input_ids"):
             p = p["input_ids"]
-        resp = tokenizer(response_text(r["solution"]), add_special_tokens=False)["input_ids"]
+        resp = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
         out.append((list(p), [*resp, tokenizer.eos_token_id]))
     return out
 
@@ -219,15 +260,22 @@ def warm_start(model, tokenizer, rows: list[dict], cfg: TinyModelConfig) -> list
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order: list[int] = []
+    batches: list[list[int]] = []
     losses = []
     model.train()
     for _step in range(cfg.warm_start_steps):
-        if len(order) < cfg.warm_start_batch_size:
-            extra = list(range(len(examples)))
-            rng.shuffle(extra)
-            order += extra
-        idx, order = order[: cfg.warm_start_batch_size], order[cfg.warm_start_batch_size :]
+        if not batches:  # a new epoch: batches of one kind each (similar lengths, less padding)
+            by_kind: dict[str, list[int]] = {}
+            for i, r in enumerate(rows):
+                by_kind.setdefault(r.get("kind", ""), []).append(i)
+            for idxs in by_kind.values():
+                rng.shuffle(idxs)
+                batches += [
+                    idxs[j : j + cfg.warm_start_batch_size]
+                    for j in range(0, len(idxs), cfg.warm_start_batch_size)
+                ]
+            rng.shuffle(batches)
+        idx = batches.pop()
         seqs = [examples[i][0] + examples[i][1] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
@@ -256,7 +304,7 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: Path) -> dict:
     t0 = time.time()
     rows, prompts = _warm_start_rows(cfg)
     chat = [f"user\n{p}\nassistant\n" for p in prompts]  # special tokens are added, not learned
-    corpus = chat + [response_text(r["solution"]) for r in rows]
+    corpus = chat + [r["response"] for r in rows]
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
     torch.manual_seed(cfg.seed)
     config = Qwen2Config(
