@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coderlplus.tasks.alignment import KIND as ALIGN_KIND
-from coderlplus.tasks.alignment import AlignmentConfig
 from coderlplus.registry import (
     ALGORITHMS,
     MODELS,
@@ -32,6 +30,8 @@ from coderlplus.registry import (
     build_config,
     config_defaults,
 )
+from coderlplus.tasks.alignment import KIND as ALIGN_KIND
+from coderlplus.tasks.alignment import AlignmentConfig
 
 PLUGIN_GROUPS: dict[str, Registry] = {
     "algorithm": ALGORITHMS,
