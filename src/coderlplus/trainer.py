@@ -28,7 +28,7 @@ from coderlplus.logger import RunLogger
 from coderlplus.ops import micro_batch_weight, sequence_logprobs
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
 from coderlplus.reward import RewardRouter
-from coderlplus.sampler.base import encode_prompts
+from coderlplus.sampler.base import SamplingParams, encode_prompts
 from coderlplus.tasks.alignment import Alignment, alignment_metrics
 from coderlplus.types import RewardOutput, Rollout, RolloutBatch, Task
 
@@ -132,6 +132,11 @@ class Trainer:
         self.eval_tasks = {
             s: self._fit_prompts(source.load(s), s, max_prompt)[: tc.eval_max_tasks] for s in tc.eval_splits
         }
+        # With alignment on: held-out alignment tasks from the first eval split's reference programs.
+        self.align_eval_tasks = []
+        if self.alignment is not None and tc.eval_splits:
+            first = self.eval_tasks[tc.eval_splits[0]]
+            self.align_eval_tasks = self.alignment.eval_tasks(first, limit=tc.eval_max_tasks)
 
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -325,6 +330,11 @@ class Trainer:
             with (eval_dir / f"{split}_step{step:06d}.jsonl").open("w") as f:
                 for r, ok in zip(res.rollouts, res.passed):
                     f.write(json.dumps({"id": r.task.id, "passed": ok, "completion": r.completion}) + "\n")
+        if self.align_eval_tasks:  # greedy answers to held-out alignment tasks, scored by their reward
+            params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.sampler.max_new_tokens)
+            rollouts = self.sampler.generate(self.align_eval_tasks, 1, params)
+            m = alignment_metrics(rollouts, self.reward(rollouts))
+            metrics |= {f"eval/{k}": v for k, v in m.items()}
         return metrics
 
     def save(self) -> Path:

@@ -555,6 +555,7 @@ class Sandbox:
             "max_output_bytes": self.max_output_bytes,
             "cpu_s": self.cpu_s,
             "nproc": _BWRAP_NPROC if self.isolation == "bwrap" else None,
+            "contained": self.isolation == "bwrap",  # a PID namespace ends everything with the server
         }
 
     def _start_servers(self) -> None:

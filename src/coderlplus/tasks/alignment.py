@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import random
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -149,7 +150,9 @@ def template_text(template: str) -> str:
 def cyclomatic_complexity(code: str) -> int | None:
     """McCabe complexity of a whole program: 1 + its decision points; None if it does not parse."""
     try:
-        tree = ast.parse(code)
+        with warnings.catch_warnings():  # model-written code: no SyntaxWarnings on the console
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     score = 1
@@ -397,6 +400,13 @@ class Alignment:
             "align/buffer_size": float(len(self.buffer)),
             **{f"align/filtered/{reason}": float(n) for reason, n in counts.items()},
         }
+
+    def eval_tasks(self, tasks: list[Task], limit: int | None = None) -> list[Task]:
+        """Held-out alignment tasks: the reference programs of ``tasks``, traced like harvested ones."""
+        refs = [t for t in tasks if t.kind == "codegen" and t.payload.get("reference")]
+        rollouts = [Rollout(t, f"```python\n{t.payload['reference']}\n```", [], [], []) for t in refs]
+        held_out, _ = self.harvester.harvest(rollouts, [RewardOutput(0.0) for _ in rollouts], step=0)
+        return held_out[:limit]
 
     def state_dict(self) -> dict:
         return {
