@@ -117,3 +117,14 @@ def test_python_m_and_console_script_are_the_same_app():
     from coderlplus import train
 
     assert ep.load() is train.main
+
+
+def test_coderlplus_composes_with_every_algorithm(hydra_ctx):
+    from coderlplus.registry import ALGORITHMS
+
+    for name in ALGORITHMS.names():
+        rc = resolve_config(_compose([f"algorithm={name}", "experiment=coderlplus"]))
+        assert rc.algorithm_name == name and rc.alignment.enabled
+        assert set(rc.reward) == {"codegen", "align"}
+    rlvr = resolve_config(_compose(["experiment=rlvr"]))
+    assert not rlvr.alignment.enabled and set(rlvr.reward) == {"codegen"}
