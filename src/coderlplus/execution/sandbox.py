@@ -41,12 +41,19 @@ shows as ``memory`` (the exit code the sandbox uses for it).
 **Pool health**: a server is replaced by a fresh one after ``recycle_after``
 programs and after any anomaly (it died, did not answer, or could not clean up
 after a program). Nothing survives :meth:`Sandbox.close`, garbage collection of
-the Sandbox, or the trainer's exit (bwrap's ``--die-with-parent``; plain servers
-exit when their pipe closes).
+the Sandbox, or the trainer's exit, even by SIGKILL (bwrap's ``--die-with-parent``
+and the PID namespace; a plain server gets a parent-death signal and kills the
+running program and what it left).
 
 **Programs see** the standard library of the trainer's Python (no site-packages
 unless ``site_packages=True``); common modules (``math``, ``collections``,
 ``re``...) are preloaded in the server, so importing them costs nothing.
+
+What bwrap isolation does NOT give: no seccomp filter (the whole kernel system-call
+surface is reachable, as in any unprivileged process), no cgroup limits (memory is
+bounded per process by ``memory_mb`` and per server by the process limit, CPU by
+``cpu_s`` and the wall timeout), and everything under ``/usr`` and the Python
+installation is readable.
 
 What ``isolation="rlimit"`` does NOT isolate: the network, the file system (the
 trainer's user may read and write its files, credentials included), other
