@@ -1,11 +1,14 @@
 """GRPO: Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300).
 
-How it departs from PPO: no critic. Each prompt gets G rollouts (a group);
-a rollout's advantage is its reward standardised within its group,
-``(r - mean_g) / (std_g + eps)``, broadcast to every response token. The loss is
-PPO's clipped surrogate plus ``kl_coef * KL(policy || reference)`` added as a
-loss term (k3 estimator), not folded into the reward. ``norm_by_std: false``
-with ``loss_agg: seq-mean-token-sum`` gives Dr.GRPO (arXiv 2503.20783).
+How it departs from PPO: no critic. Each prompt gets G rollouts (a group); a rollout's
+advantage is its reward standardised within its group, ``(r - mean_g) / (std_g + eps)``,
+broadcast to every response token. The loss is PPO's clipped surrogate (the base class's
+``policy_loss``) plus ``kl_coef * KL(policy || reference)`` as a loss term (k3), not folded
+into the reward (``kl_in_reward: true`` folds ``kl_coef * sum_t KL_t`` into the score instead).
+
+Dr.GRPO (Liu et al. 2025, arXiv 2503.20783): ``norm_by_std: false`` (mean-centred only) with
+``loss_agg: seq-mean-token-sum-norm`` (per-sequence token sums over a constant), which removes
+GRPO's question-difficulty and length biases.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from coderlplus.algorithm import Algorithm, AlgorithmConfig
-from coderlplus.ops import aggregate_loss, clipped_policy_objective, group_normalize, kl_penalty, masked_mean
+from coderlplus.algorithm import Algorithm, AlgorithmConfig, sequence_scores
+from coderlplus.ops import group_normalize
 from coderlplus.registry import register_algorithm
 from coderlplus.types import RolloutBatch
 
@@ -34,27 +37,7 @@ class GRPO(Algorithm):
 
     @torch.no_grad()
     def compute_advantages(self, batch: RolloutBatch, cfg: GRPOConfig) -> torch.Tensor:
-        """``[B, T]``: group-normalised reward on every real response token, 0 on padding."""
-        adv = group_normalize(batch.rewards, batch.group_ids, cfg.norm_by_std, cfg.eps)  # (B,)
+        """``[B, T]``: group-normalised score on every real response token, 0 on padding."""
+        scores = sequence_scores(batch, cfg)  # (B,) reward (minus KL when kl_in_reward)
+        adv = group_normalize(scores, batch.group_ids, cfg.norm_by_std, cfg.eps)  # (B,)
         return adv.unsqueeze(-1) * batch.response_mask  # (B, T)
-
-    def policy_loss(self, logp, batch, adv, cfg: GRPOConfig, entropy=None):
-        mask = batch.response_mask
-        pg_loss, ratio, clipped = clipped_policy_objective(
-            logp, batch.old_logp, adv, cfg.clip_low, cfg.clip_high
-        )
-        loss = aggregate_loss(pg_loss, mask, cfg.loss_agg)
-        metrics = {
-            "actor/pg_loss": loss.item(),
-            "actor/clipfrac": masked_mean(clipped.float(), mask).item(),
-            "actor/ratio_mean": masked_mean(ratio.detach(), mask).item(),
-            "actor/approx_kl": masked_mean(0.5 * (logp.detach() - batch.old_logp) ** 2, mask).item(),
-        }
-        if cfg.kl_coef > 0:
-            kl = kl_penalty(logp, batch.ref_logp, cfg.kl_estimator)  # (B, T)
-            kl_loss = aggregate_loss(kl, mask, cfg.loss_agg)
-            loss = loss + cfg.kl_coef * kl_loss
-            metrics["actor/kl_loss"] = kl_loss.item()
-        if entropy is not None and cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg)
-        return loss, metrics

@@ -2,7 +2,8 @@
 
 Layout: ``<run_dir>/checkpoints/step_000040/`` holding ``model/`` (loadable by
 ``from_pretrained`` and by ``model=hf model.path=...``), ``optimizer.pt``,
-``scheduler.pt``, ``rng.pt`` and ``state.json``. Written to a temporary folder
+``scheduler.pt``, ``rng.pt``, ``state.json`` and, when used, ``alignment.json`` (the
+alignment buffer) and ``critic.pt`` (PPO's value model). Written to a temporary folder
 and renamed, so a crash mid-save never leaves a half checkpoint; the last
 ``keep_last`` are kept.
 """
@@ -41,6 +42,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     extra_json: dict[str, Any] | None = None,
+    extra_torch: dict[str, Any] | None = None,
 ) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for name, value in (extra_json or {}).items():  # e.g. alignment.json: the alignment buffer
         (tmp / f"{name}.json").write_text(json.dumps(value))
+    for name, value in (extra_torch or {}).items():  # e.g. critic.pt: PPO's value model and its optimiser
+        torch.save(value, tmp / f"{name}.pt")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -93,6 +93,20 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
     return m
 
 
+def advantage_metrics(adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Statistics of the advantages over the real response tokens."""
+    real = adv[mask.bool()]
+    if real.numel() == 0:
+        return {}
+    return {
+        "adv/mean": float(real.mean()),
+        "adv/std": float(real.std()) if real.numel() > 1 else 0.0,
+        "adv/max": float(real.max()),
+        "adv/min": float(real.min()),
+        "adv/zero_frac": float((real == 0).float().mean()),
+    }
+
+
 class Trainer:
     def __init__(self, cfg: ResolvedConfig, run_dir: str | Path, full_config: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -113,6 +127,8 @@ class Trainer:
         self.reference = None
         if self.algo.needs_reference(cfg.algorithm):
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # Actor-critic algorithms (PPO) train a value model beside the policy, with its own optimiser.
+        self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
         self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer)
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
         self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
@@ -150,6 +166,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: self._lr_factor(s, updates)
         )
+        self.critic_optimizer = None
+        if self.critic is not None:
+            self.critic.to(self.device)
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
+            )
         self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
         self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
@@ -198,6 +220,12 @@ class Trainer:
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
         self.step = int(state["step"])
         self.code_seen = int(state.get("code_seen", self.step * self.cfg.trainer.prompts_per_step))
+        if self.critic is not None:
+            if not (path / "critic.pt").exists():
+                raise FileNotFoundError(f"{path} has no critic.pt: it was not saved by an actor-critic run")
+            critic_state = torch.load(path / "critic.pt", weights_only=False, map_location=self.device)
+            self.critic.load_state_dict(critic_state["model"])
+            self.critic_optimizer.load_state_dict(critic_state["optimizer"])
         if self.alignment is not None and (path / "alignment.json").exists():
             self.alignment.load_state_dict(json.loads((path / "alignment.json").read_text()))
         log.warning("resumed from %s at step %d", path, self.step)
@@ -242,12 +270,15 @@ class Trainer:
             batch.ref_logp = self._logprobs(self.reference, batch)
         if tc.recompute_old_logp:
             batch.old_logp = self._logprobs(self.policy, batch)
+        if self.critic is not None:
+            batch.values = self._logprobs(self.critic, batch)
         adv = self.algo.compute_advantages(batch, ac)  # (B, T)
+        adv_metrics = advantage_metrics(adv, batch.response_mask)
         t3 = time.perf_counter()
         metrics = self._update(batch, adv)
         self.sampler.update_weights()
         t4 = time.perf_counter()
-        metrics |= reward_metrics(rollouts, scores, tc.group_size)
+        metrics |= reward_metrics(rollouts, scores, tc.group_size) | adv_metrics
         metrics |= align_metrics | alignment_metrics(rollouts, scores)
         metrics |= {
             "timing/sample_s": t1 - t0,
@@ -262,14 +293,17 @@ class Trainer:
 
     @torch.no_grad()
     def _logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
-        """Teacher-forced log-probs ``[B, T]`` of the response tokens, micro-batched."""
+        """Teacher-forced log-probs ``[B, T]`` of the response tokens (or, for the critic, its
+        values), micro-batched."""
         T, mb = batch.response_mask.shape[1], self.cfg.trainer.micro_batch_size
         out = []
         for s in range(0, len(batch), mb):
             ids = batch.input_ids[s : s + mb].to(self.device)
             am = batch.attention_mask[s : s + mb].to(self.device)
-            logp, _ = sequence_logprobs(model, ids, am, T, self.cfg.sampler.temperature)
-            out.append(logp.cpu())
+            if model is self.critic:
+                out.append(model(ids, am, T).cpu())
+            else:
+                out.append(sequence_logprobs(model, ids, am, T, self.cfg.sampler.temperature)[0].cpu())
         return torch.cat(out)
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
@@ -284,6 +318,8 @@ class Trainer:
             order = torch.randperm(B) if ac.mini_batches > 1 else torch.arange(B)
             for mini in order.chunk(ac.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.critic is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
                 for micro in mini.split(tc.micro_batch_size):
                     sub = batch.select(micro)
                     logp, entropy = sequence_logprobs(
@@ -299,6 +335,10 @@ class Trainer:
                     loss, m = self.algo.policy_loss(
                         logp, sub, adv[micro].to(self.device), ac, entropy=entropy
                     )
+                    if self.critic is not None:  # one backward for both: a shared backbone gets both
+                        values = self.critic(sub.input_ids, sub.attention_mask, T)  # (b, T)
+                        critic_loss, cm = self.algo.critic_loss(values, sub, ac)
+                        loss, m = loss + critic_loss, m | cm
                     w = micro_batch_weight(sub.response_mask, batch.response_mask[mini], ac.loss_agg)
                     (loss * w).backward()
                     for k, v in m.items():
@@ -312,6 +352,10 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), grad_clip)
                 sums["actor/grad_norm"] += float(grad_norm)
                 self.optimizer.step()
+                if self.critic is not None:
+                    critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
+                    sums["critic/grad_norm"] += float(critic_norm)
+                    self.critic_optimizer.step()
                 self.scheduler.step()
                 n_updates += 1
         self.policy.eval()
@@ -348,6 +392,11 @@ class Trainer:
             {"seed": self.cfg.seed, "code_seen": self.code_seen},
             keep_last=self.cfg.trainer.keep_last,
             extra_json={"alignment": self.alignment.state_dict()} if self.alignment else None,
+            extra_torch={
+                "critic": {"model": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
+            }
+            if self.critic is not None
+            else None,
         )
 
     def fit(self) -> dict[str, Any]:
@@ -405,6 +454,7 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
         "group_ids",
         "old_logp",
         "ref_logp",
+        "values",
     ):
         t = getattr(batch, name)
         if t is not None:

@@ -1,29 +1,45 @@
 """Pure tensor ops shared by the algorithms (shapes in docstrings; B rollouts, T response tokens, V vocab)."""
 
 from coderlplus.ops.core import (
+    KL_ESTIMATORS,
     LOSS_AGG_MODES,
     aggregate_loss,
     clipped_policy_objective,
+    clipped_value_loss,
+    discounted_returns,
+    explained_variance,
+    gae,
     group_normalize,
     kl_penalty,
+    leave_one_out,
     masked_mean,
     masked_sum,
+    masked_var,
     masked_whiten,
     micro_batch_weight,
+    token_level_rewards,
 )
 from coderlplus.ops.logprobs import entropy_from_logits, logprobs_from_logits, sequence_logprobs
 
 __all__ = [
+    "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "aggregate_loss",
     "clipped_policy_objective",
+    "clipped_value_loss",
+    "discounted_returns",
     "entropy_from_logits",
+    "explained_variance",
+    "gae",
     "group_normalize",
     "kl_penalty",
+    "leave_one_out",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
+    "masked_var",
     "masked_whiten",
     "micro_batch_weight",
     "sequence_logprobs",
+    "token_level_rewards",
 ]
