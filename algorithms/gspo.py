@@ -49,5 +49,7 @@ class GSPO(Algorithm):
         seq_log_ratio = masked_mean(logp - batch.old_logp, mask, dim=-1)  # (B,) log s_i
         # value log s_i on every token; gradient d logp_t (GSPO-token)
         log_ratio = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()  # (B, T)
-        pg_loss, ratio, clipped = clipped_policy_objective(log_ratio, adv, cfg.clip_low, cfg.clip_high)
+        pg_loss, ratio, clipped = clipped_policy_objective(
+            log_ratio, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip
+        )
         return self.finish_loss(pg_loss, ratio, clipped, logp, batch, cfg, entropy)

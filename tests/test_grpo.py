@@ -65,7 +65,7 @@ def test_clipped_objective_hand_computed():
     old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
     adv = torch.tensor([[1.0, 1.0, -1.0]])
-    loss, _ratio, clipped = clipped_policy_objective(logp, old, adv, 0.2, 0.28)
+    loss, _ratio, clipped = clipped_policy_objective(logp - old, adv, 0.2, 0.28)
     # A>0, r=1.5 -> min(1.5, 1.28) = 1.28 -> loss -1.28 (clipped); A>0, r=0.5 -> min(0.5, 0.8)=0.5 -> -0.5
     # A<0, r=1.1 -> loss = max(1.1, 1.1) = 1.1 (inside the range)
     assert torch.allclose(loss, torch.tensor([[-1.28, -0.5, 1.1]]), atol=1e-6)

@@ -119,8 +119,9 @@ class Algorithm:
     Config: ClassVar[type] = AlgorithmConfig
     registry_name: ClassVar[str | None] = None
 
-    def default_config(self) -> AlgorithmConfig:
-        return self.Config()
+    @classmethod
+    def default_config(cls) -> AlgorithmConfig:
+        return cls.Config()
 
     def needs_reference(self, cfg: AlgorithmConfig) -> bool:
         """Whether the trainer must compute ``batch.ref_logp`` (a frozen reference model)."""
