@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,12 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Triton kernels (coderlplus.kernels.triton) run on CPU tensors only under Triton's interpreter,
+# which reads TRITON_INTERPRET when triton is first imported, so it must be set here, before torch
+# (or anything that may import triton) loads. Only without a CUDA device (checked without importing
+# torch): on a GPU the kernels run compiled. setdefault lets a user override either way.
+if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -63,6 +63,9 @@ class AlgorithmConfig:
     sampler.max_new_tokens for Dr.GRPO's fixed generation budget)."""
     entropy_coef: float = 0.0
     """Coefficient of the entropy bonus (subtracted from the loss)."""
+    fused_loss: bool = False
+    """Compute the clipped surrogate + KL loss of the default policy_loss in one autograd function
+    (coderlplus.kernels.policy_loss; same values, fewer intermediate tensors)."""
     epochs: int = 1
     """Passes over each rollout batch (PPO epochs)."""
     mini_batches: int = 1
@@ -151,6 +154,8 @@ class Algorithm:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss to minimise and float metrics. ``logp [B, T]`` carries gradients;
         ``entropy [B, T]`` is given when ``entropy_coef > 0`` (or for logging)."""
+        if cfg.fused_loss:
+            return self._fused_policy_loss(logp, batch, adv, cfg, entropy)
         log_ratio = logp - batch.old_logp  # (B, T)
         pg_loss, ratio, clipped = clipped_policy_objective(
             log_ratio, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip
@@ -161,22 +166,43 @@ class Algorithm:
         """Aggregate a per-token policy loss ``[B, T]``, add the KL loss and entropy bonus, and
         compute the standard metrics (shared by every clipped-surrogate algorithm)."""
         mask = batch.response_mask
-        agg = lambda x: aggregate_loss(x, mask, cfg.loss_agg, cfg.loss_norm_tokens)  # noqa: E731
-        loss = agg(pg_loss)
-        log_ratio = logp.detach() - batch.old_logp
-        metrics = {
-            "actor/pg_loss": loss.item(),
-            "actor/clipfrac": masked_mean(clipped.float(), mask).item(),
-            "actor/ratio_mean": masked_mean(ratio.detach(), mask).item(),
-            "actor/approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
-        }
+        loss = aggregate_loss(pg_loss, mask, cfg.loss_agg, cfg.loss_norm_tokens)
+        metrics = {"actor/pg_loss": loss.item()}
         if batch.ref_logp is not None:
             kl = kl_penalty(logp, batch.ref_logp, cfg.kl_estimator)  # (B, T)
             metrics["actor/kl_ref"] = masked_mean(kl.detach(), mask).item()
             if cfg.kl_coef > 0 and not cfg.kl_in_reward:
-                kl_loss = agg(kl)
+                kl_loss = aggregate_loss(kl, mask, cfg.loss_agg, cfg.loss_norm_tokens)
                 loss = loss + cfg.kl_coef * kl_loss
                 metrics["actor/kl_loss"] = kl_loss.item()
+        return self._entropy_and_metrics(loss, metrics, ratio, clipped, logp, batch, cfg, entropy)
+
+    def _fused_policy_loss(self, logp, batch, adv, cfg, entropy):
+        from coderlplus.kernels.policy_loss import fused_policy_loss
+
+        mask = batch.response_mask
+        kl_as_loss = cfg.kl_coef > 0 and not cfg.kl_in_reward and batch.ref_logp is not None
+        loss, pg_loss, kl_loss, ratio, clipped = fused_policy_loss(
+            logp, batch.old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
+            batch.ref_logp, cfg.kl_coef if kl_as_loss else 0.0, cfg.kl_estimator,
+            cfg.loss_agg, cfg.loss_norm_tokens,
+        )  # fmt: skip
+        metrics = {"actor/pg_loss": pg_loss.item()}
+        if batch.ref_logp is not None:
+            kl = kl_penalty(logp.detach(), batch.ref_logp, cfg.kl_estimator)
+            metrics["actor/kl_ref"] = masked_mean(kl, mask).item()
+            if kl_as_loss:
+                metrics["actor/kl_loss"] = kl_loss.item()
+        return self._entropy_and_metrics(loss, metrics, ratio, clipped, logp, batch, cfg, entropy)
+
+    def _entropy_and_metrics(self, loss, metrics, ratio, clipped, logp, batch, cfg, entropy):
+        mask = batch.response_mask
+        log_ratio = logp.detach() - batch.old_logp
+        metrics |= {
+            "actor/clipfrac": masked_mean(clipped.float(), mask).item(),
+            "actor/ratio_mean": masked_mean(ratio.detach(), mask).item(),
+            "actor/approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
+        }
         if entropy is not None and cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * agg(entropy)
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg, cfg.loss_norm_tokens)
         return loss, metrics

@@ -6,7 +6,8 @@ dataclass (the single source of truth for names, defaults and help text):
 - ``algorithm``, ``model``, ``sampler``, ``data``: one option per registered
   plugin (``algorithm=grpo`` is ``algorithms/grpo.py``'s ``Config``), with a
   ``name`` key naming the plugin;
-- ``trainer``, ``optim``, ``execution``, ``logger``: the dataclasses below.
+- ``trainer``, ``optim``, ``execution``, ``logger``, ``alignment``, ``kernels``: the dataclasses
+  below (and ``coderlplus.kernels.KernelsConfig``).
 
 ``reward`` options are presets in ``conf/reward/*.yaml`` (which reward plugins
 score which task kind); ``experiment`` options are presets in
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coderlplus.kernels import KernelsConfig
 from coderlplus.registry import (
     ALGORITHMS,
     MODELS,
@@ -181,6 +183,13 @@ STATIC_GROUPS: dict[str, dict[str, Any]] = {
     "execution": {"local": ExecutionConfig()},
     "logger": {"wandb": LoggerConfig(), "none": LoggerConfig(wandb_mode="disabled")},
     "alignment": {"default": AlignmentConfig()},
+    # kernels=auto|torch|chunked|triton: how log-probs and entropy are computed (coderlplus.kernels)
+    "kernels": {
+        "auto": KernelsConfig(),
+        "torch": KernelsConfig(backend="torch", linear=False),
+        "chunked": KernelsConfig(backend="chunked"),
+        "triton": KernelsConfig(backend="triton"),
+    },
 }
 STATIC_SCHEMAS = {group: type(next(iter(opts.values()))) for group, opts in STATIC_GROUPS.items()}
 
@@ -225,6 +234,7 @@ class ResolvedConfig:
     execution: ExecutionConfig
     logger: LoggerConfig
     alignment: AlignmentConfig
+    kernels: KernelsConfig
 
 
 def resolve_plugin(group: str, values: dict[str, Any] | None) -> tuple[str, Any]:

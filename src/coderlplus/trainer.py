@@ -24,8 +24,9 @@ from coderlplus.checkpoint import list_checkpoints, load_checkpoint, save_checkp
 from coderlplus.config import ResolvedConfig
 from coderlplus.evaluation import greedy_pass_at_1
 from coderlplus.execution import Sandbox
+from coderlplus.kernels import sequence_logprobs
 from coderlplus.logger import RunLogger
-from coderlplus.ops import micro_batch_weight, sequence_logprobs
+from coderlplus.ops import micro_batch_weight
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
 from coderlplus.reward import RewardRouter
 from coderlplus.sampler.base import SamplingParams, encode_prompts
@@ -303,7 +304,10 @@ class Trainer:
             if model is self.critic:
                 out.append(model(ids, am, T).cpu())
             else:
-                out.append(sequence_logprobs(model, ids, am, T, self.cfg.sampler.temperature)[0].cpu())
+                logp, _ = sequence_logprobs(
+                    model, ids, am, T, self.cfg.sampler.temperature, kernels=self.cfg.kernels
+                )
+                out.append(logp.cpu())
         return torch.cat(out)
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
@@ -330,6 +334,7 @@ class Trainer:
                         self.cfg.sampler.temperature,
                         with_entropy=want_entropy,
                         entropy_grad=ac.entropy_coef > 0,
+                        kernels=self.cfg.kernels,
                     )
                     sub = _to_device(sub, self.device)
                     loss, m = self.algo.policy_loss(

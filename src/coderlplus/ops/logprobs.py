@@ -5,17 +5,28 @@ from __future__ import annotations
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[tokens]``. logits ``[..., V]``, tokens ``[...]`` -> ``[...]`` (fp32)."""
-    logits = logits.float()
+    """``log softmax(logits)[tokens]``. logits ``[..., V]``, tokens ``[...]`` -> ``[...]`` (at least fp32)."""
+    logits = upcast(logits)
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)``. ``[..., V]`` -> ``[...]`` (fp32)."""
-    logits = logits.float()
+    """Entropy of ``softmax(logits)``. ``[..., V]`` -> ``[...]`` (at least fp32)."""
+    logits = upcast(logits)
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(hidden @ weight.T)[tokens]``: hidden ``[N, H]``, LM-head weight ``[V, H]``,
+    tokens ``[N]`` -> ``[N]`` (at least fp32). Materialises the ``[N, V]`` logits."""
+    return logprobs_from_logits(hidden @ weight.T, tokens)
 
 
 def sequence_logprobs(

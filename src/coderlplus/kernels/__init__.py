@@ -1,0 +1,206 @@
+"""Log-probs and entropy of sampled tokens through one of three backends, chosen in one place
+(``kernels=torch|chunked|triton``, or ``auto``: Triton on CUDA when installed, else chunked).
+
+- ``torch``: the plain references of ``coderlplus.ops.logprobs`` (materialise ``[N, V]`` fp32);
+- ``chunked``: custom autograd functions over chunks of rows, pure torch (CPU default,
+  GPU fallback), ``kernels/chunked.py``;
+- ``triton``: the same chunking with Triton kernels for the row work, ``kernels/triton.py``
+  (CUDA; on CPU tensors only with ``TRITON_INTERPRET=1`` set before triton is imported).
+
+Each takes either logits ``[..., V]`` (``logprobs_from_logits``) or the last hidden states
+``[..., H]`` and the LM-head weight ``[V, H]`` (``logprobs_from_hidden``: the fused *linear*
+path, which never holds the full logits), and returns per-token log-probs ``[...]`` (fp32),
+plus the entropy when asked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from coderlplus.kernels import chunked
+from coderlplus.ops.logprobs import entropy_from_logits, upcast
+from coderlplus.ops.logprobs import logprobs_from_logits as _ref_logprobs
+from coderlplus.registry import ConfigError
+
+BACKENDS = ("torch", "chunked", "triton")
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"
+    """torch (reference), chunked (pure torch, memory-efficient), triton (CUDA kernels) or auto
+    (triton on CUDA when the triton package is installed, else chunked)."""
+    linear: bool = True
+    """Stop the model's forward at the last hidden state and compute log-probs from it and the
+    LM-head weight (never the full logits; chunked/triton). False: from the model's logits."""
+    chunk_size: int = 1024
+    """Rows (tokens) per chunk of the chunked/triton paths."""
+
+    def __post_init__(self):
+        if self.backend not in (*BACKENDS, "auto"):
+            raise ConfigError(f"kernels.backend={self.backend!r}; choose auto, {', '.join(BACKENDS)}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"kernels.chunk_size={self.chunk_size} must be >= 1")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The fastest backend available for tensors on ``device``."""
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "chunked"
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    backend = default_backend(device) if backend in (None, "auto") else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernels backend {backend!r}; choose auto or one of {BACKENDS}")
+    return backend
+
+
+def _triton_rows(device: torch.device):
+    if not triton_available():
+        raise RuntimeError(
+            "kernels=triton needs the triton package (pip install triton); or use kernels=chunked"
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "Triton kernels run on CUDA tensors; on the CPU they run only under TRITON_INTERPRET=1 "
+            "(set before triton is imported; slow, for tests). Use kernels=chunked on the CPU."
+        )
+    from coderlplus.kernels.triton import TRITON_ROWS
+
+    return TRITON_ROWS
+
+
+def _torch_logits(logits, tokens, temperature, chunk):
+    if temperature > 0 and temperature != 1.0:  # <= 0 (greedy) means the raw logits
+        logits = upcast(logits) / temperature
+    return _ref_logprobs(logits, tokens), entropy_from_logits(logits)
+
+
+_LOGITS: dict[str, Callable] = {
+    "torch": _torch_logits,
+    "chunked": lambda z, y, temp, chunk: chunked.logprobs_from_logits(z, y, temp, chunk),
+    "triton": lambda z, y, temp, chunk: chunked.logprobs_from_logits(
+        z, y, temp, chunk, _triton_rows(z.device)
+    ),
+}
+_HIDDEN: dict[str, Callable] = {
+    "torch": lambda h, w, y, temp, chunk: _torch_logits(h @ w.T, y, temp, chunk),
+    "chunked": lambda h, w, y, temp, chunk: chunked.logprobs_from_hidden(h, w, y, temp, chunk),
+    "triton": lambda h, w, y, temp, chunk: chunked.logprobs_from_hidden(
+        h, w, y, temp, chunk, _triton_rows(h.device)
+    ),
+}
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    backend: str | None = None,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    chunk: int = chunked.DEFAULT_CHUNK,
+):
+    """``log softmax(logits / temperature)[tokens]``: logits ``[..., V]``, tokens ``[...]`` ->
+    ``[...]`` fp32; with ``with_entropy`` also the entropy ``[...]``."""
+    name = resolve_backend(backend, logits.device)
+    shape = tokens.shape
+    logp, entropy = _LOGITS[name](
+        logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), temperature, chunk
+    )
+    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    backend: str | None = None,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    chunk: int = chunked.DEFAULT_CHUNK,
+):
+    """``log softmax(hidden @ weight.T / temperature)[tokens]``: hidden ``[..., H]``, weight
+    ``[V, H]``, tokens ``[...]`` -> ``[...]`` fp32 (and the entropy with ``with_entropy``)."""
+    name = resolve_backend(backend, hidden.device)
+    shape = tokens.shape
+    logp, entropy = _HIDDEN[name](
+        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), temperature, chunk
+    )
+    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    kernels: KernelsConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced log-probs ``[B, T]`` of the last ``response_len`` tokens of each row, through
+    the configured backend (``coderlplus.ops.sequence_logprobs`` is the reference).
+
+    input_ids, attention_mask: ``[B, P+T]`` (prompt left-padded, response right-padded).
+    Only real response tokens are computed (padding gets 0). With ``kernels.linear`` the model
+    runs to its last hidden state and the LM head is applied chunk by chunk inside the kernel.
+    Returns ``(logp [B, T], entropy [B, T] or None)``; the entropy carries gradients only when
+    ``entropy_grad``.
+    """
+    kc = kernels or KernelsConfig()
+    B, T = input_ids.shape[0], response_len
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    real = attention_mask[:, -T:].bool()  # (B, T) real response tokens
+    tokens = input_ids[:, -T:][real]  # (N,)
+    head = model.get_output_embeddings()
+    linear = kc.linear and getattr(head, "bias", None) is None and not _has_softcap(model)
+    if linear:
+        out = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state[:, -T - 1 : -1][real]  # (N, H): position j predicts token j+1
+        logp, entropy = logprobs_from_hidden(
+            hidden, head.weight, tokens, kc.backend, True, temperature, kc.chunk_size
+        )
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=T + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1][real]  # (N, V)
+        logp, entropy = logprobs_from_logits(logits, tokens, kc.backend, True, temperature, kc.chunk_size)
+    full = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    logp = full.masked_scatter(real, logp)
+    if not with_entropy:
+        return logp, None
+    entropy = full.masked_scatter(real, entropy if entropy_grad else entropy.detach())
+    return logp, entropy
+
+
+def _has_softcap(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "final_logit_softcapping", None))
+
+
+__all__ = [
+    "BACKENDS",
+    "KernelsConfig",
+    "default_backend",
+    "logprobs_from_hidden",
+    "logprobs_from_logits",
+    "resolve_backend",
+    "sequence_logprobs",
+    "triton_available",
+]
