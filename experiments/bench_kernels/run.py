@@ -149,7 +149,7 @@ def main() -> None:
         print(f"| {p} | {r['s']:.3f} | {t_ratio:.2f}x | {r['peak_mb']:.0f} | {m_ratio:.1%} |")
         rows.append({"path": p, **{k: v for k, v in r.items() if k != "rel_err_vs_first"}, "time_ratio": t_ratio,
                      "mem_ratio": m_ratio, "rel_err": r.get("rel_err_vs_first", "")})  # fmt: skip
-    out = Path(os.environ.get("OUT", HERE)) / f"results-{args.device}-{args.dtype}.csv"
+    out = Path(os.environ.get("OUT", HERE)) / f"results-{args.device}-{args.dtype}-chunk{args.chunk}.csv"
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

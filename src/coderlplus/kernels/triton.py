@@ -74,6 +74,10 @@ def _block(V: int) -> int:
     return min(4096, triton.next_power_of_2(V))
 
 
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
 class _TritonRows:
     def stats(self, z, tokens, scale):
         n, V = z.shape
@@ -82,8 +86,9 @@ class _TritonRows:
         out = torch.empty(3, n, dtype=torch.float32, device=z.device)
         if n:
             _stats_kernel[(n,)](
-                z, z.stride(0), tokens.contiguous(), out, n, float(scale), V=V, BLOCK_V=_block(V)
-            )
+                z, z.stride(0), tokens.contiguous(), out, n, float(scale),
+                V=V, BLOCK_V=_block(V), num_warps=_warps(_block(V)),
+            )  # fmt: skip
         return out[0], out[1], out[2]
 
     def grad_(self, z, tokens, lse, entropy, g_logp, g_ent, scale):
@@ -94,7 +99,7 @@ class _TritonRows:
             _grad_kernel[(n,)](
                 z, z.stride(0), tokens.contiguous(), lse.contiguous(), entropy.contiguous(),
                 g_logp.contiguous(), g_logp if g_ent is None else g_ent.contiguous(), float(scale), V=V,
-                HAS_GENT=g_ent is not None, BLOCK_V=_block(V),
+                HAS_GENT=g_ent is not None, BLOCK_V=_block(V), num_warps=_warps(_block(V)),
             )  # fmt: skip
         return z
 
