@@ -24,7 +24,7 @@ from coderlplus.checkpoint import list_checkpoints, load_checkpoint, save_checkp
 from coderlplus.config import ResolvedConfig
 from coderlplus.evaluation import greedy_pass_at_1
 from coderlplus.execution import Sandbox
-from coderlplus.kernels import sequence_logprobs
+from coderlplus.kernels import check_backend, sequence_logprobs
 from coderlplus.logger import RunLogger
 from coderlplus.ops import micro_batch_weight
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
@@ -124,6 +124,7 @@ class Trainer:
         # Components, each from its registry (no if/elif on plugin names).
         self.policy, self.tokenizer = MODELS.get(cfg.model_name)(cfg.model).load()
         self.policy.to(self.device)
+        log.info("kernels: %s", check_backend(cfg.kernels.backend, self.device))
         self.algo = ALGORITHMS.get(cfg.algorithm_name)()
         self.reference = None
         if self.algo.needs_reference(cfg.algorithm):
@@ -169,7 +170,7 @@ class Trainer:
         )
         self.critic_optimizer = None
         if self.critic is not None:
-            self.critic.to(self.device)
+            self.critic.to(self.device).eval()
             self.critic_optimizer = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
             )
@@ -318,6 +319,8 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         n_updates = 0
         self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
         for _epoch in range(ac.epochs):
             order = torch.randperm(B) if ac.mini_batches > 1 else torch.arange(B)
             for mini in order.chunk(ac.mini_batches):
@@ -364,6 +367,8 @@ class Trainer:
                 self.scheduler.step()
                 n_updates += 1
         self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
         metrics = {k: v / n_updates for k, v in sums.items()}
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
         return metrics

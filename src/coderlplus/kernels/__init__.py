@@ -64,6 +64,14 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return backend
 
 
+def check_backend(backend: str | None, device: torch.device | str) -> str:
+    """Resolve ``backend`` for ``device`` and fail now, with what to do, if it cannot run there."""
+    name = resolve_backend(backend, device)
+    if name == "triton":
+        _triton_rows(torch.device(device))
+    return name
+
+
 def _triton_rows(device: torch.device):
     if not triton_available():
         raise RuntimeError(
@@ -197,6 +205,7 @@ def _has_softcap(model) -> bool:
 __all__ = [
     "BACKENDS",
     "KernelsConfig",
+    "check_backend",
     "default_backend",
     "logprobs_from_hidden",
     "logprobs_from_logits",
