@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from coderlplus.ops.core import KL_ESTIMATORS, LOSS_AGG_MODES
+from coderlplus.ops.core import KL_ESTIMATORS, LOSS_AGG_MODES, clipped_policy_objective, kl_penalty
 
 
 def token_weights(mask: torch.Tensor, mode: str, norm_tokens: float | None = None) -> torch.Tensor:
@@ -34,18 +34,17 @@ def token_weights(mask: torch.Tensor, mode: str, norm_tokens: float | None = Non
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGG_MODES}")
 
 
-def _kl_and_grad(logp, ref_logp, estimator):
+def _kl_grad(logp, ref_logp, estimator):
+    """d KL_t / d logp_t of ``ops.kl_penalty`` (0 where its clamps bind)."""
     x = ref_logp - logp
     if estimator == "k1":
-        return -x, torch.ones_like(x)
+        return torch.ones_like(x)
     if estimator == "k2":
-        return 0.5 * x * x, -x
+        return -x
     if estimator == "k3":
-        inside = (x >= -20) & (x <= 20)
-        xc = x.clamp(-20, 20)
-        kl = torch.expm1(xc) - xc
-        grad = torch.where(inside & (kl >= -10) & (kl <= 10), -torch.expm1(xc), torch.zeros_like(x))
-        return kl.clamp(-10, 10), grad
+        kl = torch.expm1(x.clamp(-20, 20)) - x.clamp(-20, 20)
+        live = (x >= -20) & (x <= 20) & (kl <= 10)
+        return torch.where(live, -torch.expm1(x.clamp(-20, 20)), torch.zeros_like(x))
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
 
 
@@ -55,27 +54,18 @@ class _FusedPolicyLoss(torch.autograd.Function):
         ctx, logp, old_logp, adv, weights, ref_logp, clip_low, clip_high, dual_clip, kl_coef, estimator
     ):
         log_ratio = logp - old_logp
-        ratio = torch.exp(log_ratio.clamp(-20, 20))
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-        pg = torch.maximum(unclipped, clipped)
-        was_clipped = clipped > unclipped
-        if dual_clip:
-            capped = -adv * dual_clip
-            dual = (adv < 0) & (pg > capped)
-            pg = torch.where(dual, capped, pg)
-            was_clipped = was_clipped | dual
+        pg, ratio, was_clipped = clipped_policy_objective(log_ratio, adv, clip_low, clip_high, dual_clip)
+        unclipped = -adv * ratio  # its derivative w.r.t. logp, where no clip binds
         in_range = (log_ratio >= -20) & (log_ratio <= 20)
         grad = torch.where(was_clipped | ~in_range, torch.zeros_like(pg), unclipped)  # d pg / d logp
         pg_loss = (weights * pg).sum()
         loss = pg_loss
         kl_loss = None
         if ref_logp is not None:
-            kl, kl_grad = _kl_and_grad(logp, ref_logp, estimator)
-            kl_loss = (weights * kl).sum()
+            kl_loss = (weights * kl_penalty(logp, ref_logp, estimator)).sum()
             if kl_coef:
                 loss = loss + kl_coef * kl_loss
-                grad = grad + kl_coef * kl_grad
+                grad = grad + kl_coef * _kl_grad(logp, ref_logp, estimator)
         ctx.save_for_backward(weights * grad)
         ctx.mark_non_differentiable(ratio, was_clipped)
         return (
