@@ -117,3 +117,15 @@ def sandbox_pids() -> set[int]:
             except OSError:
                 pass
     return pids
+
+
+# vLLM's CPU attention needs a head size of 32, 64, 80, ...: the test model's is 24.
+VLLM_TEST_MODEL = dict(TEST_MODEL, hidden_size=64, intermediate_size=192, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir():
+    """A warm-started tiny model whose head size vLLM's CPU engine supports (built once, cached)."""
+    from coderlplus.models.tiny import TinyModelConfig, ensure_tiny_model
+
+    return ensure_tiny_model(TinyModelConfig(**VLLM_TEST_MODEL))

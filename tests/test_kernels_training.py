@@ -34,16 +34,18 @@ def _run(tiny_model_dir, tmp_path, *overrides):
         ]
     )
     trainer = Trainer(rc, run_dir)
+    start = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
     try:
         trainer.fit()
     finally:
         trainer.close()
     rows = [r for r in _rows(run_dir) if "reward/mean" in r]
-    return rows, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    end = trainer.policy.state_dict()
+    return rows, torch.cat([(end[k] - start[k]).flatten() for k in start])  # the whole update
 
 
 def _same(a, b):
-    (rows_a, params_a), (rows_b, params_b) = a, b
+    (rows_a, params_a), (rows_b, params_b) = a, b  # params: the flattened update
     assert len(rows_a) == len(rows_b) == 3
     assert all(r["actor/grad_norm"] > 1e-3 for r in rows_a), (
         "no learning signal: the test would prove nothing"
@@ -52,8 +54,10 @@ def _same(a, b):
         assert ra["response/length_mean"] == rb["response/length_mean"]  # the same samples
         for k in KEYS:
             assert math.isclose(ra[k], rb[k], rel_tol=1e-4, abs_tol=1e-6), (k, ra[k], rb[k])
-    for k in params_a:
-        assert torch.allclose(params_a[k], params_b[k], rtol=1e-4, atol=1e-6), k
+    # Adam divides by sqrt(v): on weights whose gradient is ~0, rounding noise can flip a step of
+    # size lr, so the updates are compared as a whole, not element by element.
+    diff = float((params_a - params_b).norm() / params_a.norm())
+    assert diff < 1e-3, f"updates differ by {diff:.2e} (relative)"
 
 
 @pytest.fixture(scope="module")

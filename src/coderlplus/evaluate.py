@@ -9,6 +9,7 @@ completion in ``<split>.jsonl``. Examples::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -44,11 +45,11 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     ex = build_config(STATIC_SCHEMAS["execution"], cfg["execution"], where="execution")
     torch.manual_seed(int(cfg.get("seed", 0)))
     model, tokenizer = model_cls(model_cfg).load()
-    sampler = sampler_cls(sampler_cfg, model, tokenizer)
+    sampler = sampler_cls(sampler_cfg, model, tokenizer, seed=int(cfg.get("seed", 0)))
     source = source_cls(data_cfg)
     results: dict[str, float] = {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with Sandbox(**dataclasses.asdict(ex)) as sandbox:
+    with Sandbox(**dataclasses.asdict(ex)) as sandbox, contextlib.closing(sampler):
         for split in cfg["splits"]:
             tasks = source.load(split)[: cfg.get("max_tasks")]
             res = greedy_pass_at_1(sampler, tasks, sandbox, sampler_cfg.max_new_tokens)

@@ -131,7 +131,7 @@ class Trainer:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         # Actor-critic algorithms (PPO) train a value model beside the policy, with its own optimiser.
         self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
-        self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer)
+        self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer, seed=cfg.seed)
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
         self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
         source = TASK_SOURCES.get(cfg.data_name)(cfg.data)
@@ -451,6 +451,7 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         self.sandbox.close()
+        self.sampler.close()
 
 
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

@@ -24,7 +24,7 @@ class SamplingParams:
 
 
 class Sampler:
-    """Base class of sampler backends (``sampler=hf``; ``sampler=vllm`` in a later issue).
+    """Base class of sampler backends (``sampler=hf``, ``sampler=vllm``).
 
     ``generate`` returns ``len(tasks) * n`` rollouts, task-major (the n samples of
     task i are rows ``i*n .. i*n+n-1``), each with prompt/response token ids and
@@ -39,6 +39,9 @@ class Sampler:
     def update_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Make the sampler use the policy's current weights."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the sampler holds (an engine, its processes); idempotent."""
 
 
 def encode_prompts(tokenizer, tasks: list[Task]) -> list[list[int]]:

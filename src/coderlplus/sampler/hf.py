@@ -43,7 +43,8 @@ class HFSamplerConfig:
 class HFSampler(Sampler):
     Config = HFSamplerConfig
 
-    def __init__(self, cfg: HFSamplerConfig, model, tokenizer):
+    def __init__(self, cfg: HFSamplerConfig, model, tokenizer, seed: int = 0):
+        # ``seed`` is unused: generate() draws from torch's global RNG, which the trainer seeds.
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
