@@ -83,6 +83,15 @@ def test_same_seed_same_rollouts(trainer):
     assert len({tuple(x) for x in a}) > len(tasks)  # the n samples of a prompt differ
 
 
+def test_a_batch_larger_than_one_engine_step(trainer):
+    # ~200 seeded requests of ~45 prompt tokens: more than one step's token budget (4096), so the
+    # engine must schedule the prefills over several steps (on the CPU this once crashed).
+    tasks = trainer.train_tasks[:25]
+    rollouts = trainer.sampler.generate(tasks, 8, SamplingParams(temperature=1.0, max_new_tokens=4))
+    assert len(rollouts) == 200 and sum(len(r.prompt_ids) for r in rollouts) > 4096
+    assert all(1 <= len(r.response_ids) <= 4 for r in rollouts)
+
+
 def test_log_probs_match_the_trainer_after_a_push_and_not_before(trainer):
     s, tasks = trainer.sampler, trainer.train_tasks[:4]
     params = SamplingParams(temperature=1.0, max_new_tokens=32)

@@ -131,6 +131,9 @@ class VLLMSampler(Sampler):
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=cfg.sleep_when_idle and not self.on_cpu,
             enable_prefix_caching=True,
+            # Seeded requests whose prefill is split over steps need a generator offset, which
+            # CPU generators lack ("CPU Generator does not use offset"): whole prefills on CPU.
+            enable_chunked_prefill=not self.on_cpu,
         )
         log.info("vLLM engine started in %.1f s from %s", time.perf_counter() - t0, path)
         self._asleep = False
