@@ -1,10 +1,12 @@
-"""``coderlplus-eval``: greedy pass@1 of any model on code-generation splits.
+"""``coderlplus-eval``: greedy pass@1 (and, with ``n_samples``, sampled pass@k) of any model on
+code-generation splits: TinyCode, HumanEval (``data=humaneval``), any JSONL dataset.
 
 Writes ``results.json`` and ``results.md`` in the Hydra run directory, plus every
 completion in ``<split>.jsonl``. Examples::
 
     coderlplus-eval                                    # the embedded tiny model on TinyCode test
     coderlplus-eval model=hf model.path=outputs/<run>/checkpoints/step_000030/model splits=[validation,test]
+    coderlplus-eval model=hf model.path=<checkpoint>/model data=humaneval n_samples=10 'k=[1,5,10]'
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ register_hydra_configs()
 def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     import torch
 
-    from coderlplus.evaluation import greedy_pass_at_1
+    from coderlplus.evaluation import greedy_pass_at_1, sampled_pass_at_k
     from coderlplus.execution import Sandbox
+    from coderlplus.sampler.base import SamplingParams
 
     (model_name, model_cfg), (sampler_name, sampler_cfg), (data_name, data_cfg) = (
         resolve_plugin(group, cfg[group]) for group in ("model", "sampler", "data")
@@ -55,12 +58,28 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
             res = greedy_pass_at_1(sampler, tasks, sandbox, sampler_cfg.max_new_tokens)
             results[f"{split}/pass@1"] = res.pass_at_1
             results[f"{split}/n"] = len(tasks)
+            rows = [(r, ok, "greedy") for r, ok in zip(res.rollouts, res.passed)]
+            n = int(cfg.get("n_samples") or 0)
+            if n:  # n samples per task at the sampling temperature: unbiased pass@k
+                params = SamplingParams(float(cfg.get("temperature", 0.8)), 1.0, sampler_cfg.max_new_tokens)
+                sampled = sampled_pass_at_k(sampler, tasks, sandbox, n, list(cfg.get("k", [1])), params)
+                results |= {f"{split}/pass@{k}_sampled": v for k, v in sampled.pass_at.items()}
+                rows += [(r, ok, "sampled") for r, ok in zip(sampled.rollouts, sampled.passed)]
             with (run_dir / f"{split}.jsonl").open("w") as f:
-                for r, ok in zip(res.rollouts, res.passed):
-                    f.write(json.dumps({"id": r.task.id, "passed": ok, "completion": r.completion}) + "\n")
+                for r, ok, how in rows:
+                    f.write(
+                        json.dumps({"id": r.task.id, "how": how, "passed": ok, "completion": r.completion})
+                        + "\n"
+                    )
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["| split | n | greedy pass@1 |", "|---|---|---|"]
-    lines += [f"| {s} | {results[f'{s}/n']} | {results[f'{s}/pass@1']:.3f} |" for s in cfg["splits"]]
+    sampled_keys = sorted({k.split("/", 1)[1] for k in results if k.endswith("_sampled")})
+    lines = [
+        "| split | n | greedy pass@1 |" + "".join(f" {k.removesuffix('_sampled')} |" for k in sampled_keys)
+    ]
+    lines.append("|---|---|---|" + "---|" * len(sampled_keys))
+    for sp in cfg["splits"]:
+        extra = "".join(f" {results[f'{sp}/{k}']:.3f} |" for k in sampled_keys)
+        lines.append(f"| {sp} | {results[f'{sp}/n']} | {results[f'{sp}/pass@1']:.3f} |{extra}")
     (run_dir / "results.md").write_text("\n".join(lines) + "\n")
     return results
 

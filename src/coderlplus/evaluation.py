@@ -1,4 +1,4 @@
-"""Code-generation evaluation: greedy pass@1 and the unbiased pass@k estimator.
+"""Code-generation evaluation: greedy pass@1 and sampled pass@k with the unbiased estimator.
 
 Independent of the reward plugins: a program passes when it passes every test
 of its task (:meth:`Sandbox.check`), whatever reward the run trains with.
@@ -39,3 +39,25 @@ def greedy_pass_at_1(sampler: Sampler, tasks: list[Task], sandbox, max_new_token
     rollouts = sampler.generate(tasks, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     passed = programs_pass(rollouts, sandbox)
     return EvalResult(sum(passed) / max(1, len(passed)), rollouts, passed)
+
+
+@dataclass
+class SampledEvalResult:
+    pass_at: dict[int, float]
+    """k -> mean unbiased pass@k over the tasks."""
+    rollouts: list[Rollout]
+    passed: list[bool]
+
+
+def sampled_pass_at_k(
+    sampler: Sampler, tasks: list[Task], sandbox, n: int, ks: list[int], params: SamplingParams
+) -> SampledEvalResult:
+    """``n`` samples per task (``params``: temperature > 0); pass@k for each ``k <= n`` with the
+    unbiased estimator, averaged over tasks."""
+    if any(k < 1 or k > n for k in ks):
+        raise ValueError(f"every k must be in [1, n={n}], got {ks}")
+    rollouts = sampler.generate(tasks, n, params)
+    passed = programs_pass(rollouts, sandbox)
+    per_task = [sum(passed[i * n : (i + 1) * n]) for i in range(len(tasks))]
+    pass_at = {k: float(np.mean([pass_at_k(n, c, k) for c in per_task])) if tasks else 0.0 for k in ks}
+    return SampledEvalResult(pass_at, rollouts, passed)

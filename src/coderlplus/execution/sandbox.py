@@ -256,10 +256,13 @@ def program_for_test(code: str, test: dict) -> tuple[str, str]:
       print ``output`` (compared with :func:`compare_output`);
     * ``{"code": str}``: Python run after the program in the same module, typically
       asserts on the program's functions (HumanEval's ``check(candidate)``); passes
-      when it exits normally.
+      when it exits normally. An optional ``"setup": str`` runs before the program
+      (e.g. a HumanEval prompt: its imports and helper functions).
     """
     if isinstance(test, dict) and isinstance(test.get("code"), str):
-        return f"{code}\n\n{test['code']}\n", str(test.get("input") or "")
+        setup = test.get("setup")
+        head = f"{setup}\n" if isinstance(setup, str) and setup else ""
+        return f"{head}{code}\n\n{test['code']}\n", str(test.get("input") or "")
     if isinstance(test, dict) and isinstance(test.get("input"), str) and isinstance(test.get("output"), str):
         return code, test["input"]
     raise ValueError(

@@ -1,6 +1,6 @@
 """Task sources: the dataset schema and loader (:mod:`.dataset`) and the TinyCode generator (:mod:`.tinycode`).
 
-Importing this package registers the ``jsonl`` and ``tinycode`` task sources.
+Importing this package registers the ``jsonl``, ``tinycode`` and ``humaneval`` task sources.
 """
 
 import sys
@@ -25,6 +25,7 @@ from coderlplus.tasks.dataset import (
     validate_row,
     write_jsonl,
 )
+from coderlplus.tasks.humaneval import HumanEvalConfig, HumanEvalSource
 from coderlplus.tasks.tinycode import (
     FAMILIES,
     TinyCodeConfig,
@@ -41,6 +42,8 @@ __all__ = [
     "FAMILIES",
     "SPLITS",
     "DatasetError",
+    "HumanEvalConfig",
+    "HumanEvalSource",
     "JsonlConfig",
     "JsonlSource",
     "TaskSource",
