@@ -42,13 +42,18 @@ class RunLogger:
         self._file = self.metrics_path.open("a")
         self.wandb_run = None
         mode = _wandb_mode(cfg)
+        name = cfg.name or self.run_dir.name
+        # What this run is called where (read by experiment analyses, and by people).
+        (self.run_dir / "logger.json").write_text(
+            json.dumps({"name": name, "group": cfg.group, "tags": list(cfg.tags), "wandb_mode": mode})
+        )
         if mode != "disabled":
             try:
                 import wandb
 
                 self.wandb_run = wandb.init(
                     project=cfg.project,
-                    name=cfg.name or self.run_dir.name,
+                    name=name,
                     group=cfg.group,
                     tags=list(cfg.tags) or None,
                     config=full_config,

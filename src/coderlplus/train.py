@@ -6,18 +6,22 @@ Examples::
     coderlplus-train algorithm=grpo trainer.max_steps=2 hydra.run.dir=/tmp/x
     coderlplus-train model=hf model.path=/models/qwen2.5-coder-0.5b-instruct
     coderlplus-train --cfg job                         # print every option
+    coderlplus-train -m algorithm=grpo,rloo seed=0,1 hydra/launcher=joblib hydra.launcher.n_jobs=2
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from coderlplus.config import conf_dir, register_hydra_configs, resolve_config
+from coderlplus.config import LoggerConfig, conf_dir, register_hydra_configs, resolve_config
 from coderlplus.models.hf import quiet_hf_progress_bars
 from coderlplus.plugins import load_plugins
 from coderlplus.registry import ConfigError, UnknownPluginError
@@ -27,19 +31,51 @@ register_hydra_configs()
 log = logging.getLogger("coderlplus")
 
 
+def swept_keys(sweep_dir: str) -> set[str] | None:
+    """The keys a multirun sweeps (``algorithm=grpo,rloo`` -> ``algorithm``), read from the
+    ``multirun.yaml`` Hydra writes in the sweep folder before launching; None if it is not there."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return None
+    task = OmegaConf.load(path).hydra.overrides.task
+    sweep_fns = ("range(", "choice(", "interval(", "glob(", "tag(", "shuffle(", "sort(")
+    return {
+        o.split("=", 1)[0]
+        for o in task
+        if "," in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith(sweep_fns)
+    }
+
+
+def sweep_logger(lc: LoggerConfig, sweep_dir: str, overrides: list[str]) -> LoggerConfig:
+    """The logger config of one job of a multirun: group = the sweep (unless set), name = this
+    job's values of the swept keys (``algorithm=ppo,seed=1``), tags = the same (W&B caps a tag at 64)."""
+    keys = swept_keys(sweep_dir)
+    swept = [o for o in overrides if keys is None or o.split("=", 1)[0] in keys]
+    return dataclasses.replace(
+        lc,
+        group=lc.group or f"sweep-{Path(sweep_dir).name}",
+        name=lc.name or (",".join(swept) or None),
+        tags=[*lc.tags, *(o[:64] for o in swept)],
+    )
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> dict | None:
     from coderlplus.progress import print_summary
     from coderlplus.trainer import Trainer
 
     quiet_hf_progress_bars()
+    load_plugins()  # again (a no-op here): a joblib worker runs main() without importing this module
     full = OmegaConf.to_container(cfg, resolve=True)
     try:
         resolved = resolve_config(full)
     except (ConfigError, UnknownPluginError) as e:
         print(f"coderlplus: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    run_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    if hc.mode == RunMode.MULTIRUN:  # one W&B group per sweep; readable run names; swept values as tags
+        resolved.logger = sweep_logger(resolved.logger, hc.sweep.dir, list(hc.overrides.task))
     trainer = Trainer(resolved, run_dir, full_config=full)
     try:
         summary = trainer.fit()
