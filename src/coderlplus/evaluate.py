@@ -7,6 +7,7 @@ completion in ``<split>.jsonl``. Examples::
     coderlplus-eval                                    # the embedded tiny model on TinyCode test
     coderlplus-eval model=hf model.path=outputs/<run>/checkpoints/step_000030/model splits=[validation,test]
     coderlplus-eval model=hf model.path=<checkpoint>/model data=humaneval n_samples=10 'k=[1,5,10]'
+    coderlplus-eval 'reasoning=[code,test_output,humaneval_asserts]'   # the paper's other two families
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     from coderlplus.evaluation import greedy_pass_at_1, sampled_pass_at_k
     from coderlplus.execution import Sandbox
     from coderlplus.sampler.base import SamplingParams
+    from coderlplus.tasks.reasoning import reasoning_accuracy
 
     (model_name, model_cfg), (sampler_name, sampler_cfg), (data_name, data_cfg) = (
         resolve_plugin(group, cfg[group]) for group in ("model", "sampler", "data")
@@ -71,6 +73,15 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
                         json.dumps({"id": r.task.id, "how": how, "passed": ok, "completion": r.completion})
                         + "\n"
                     )
+        for name in cfg.get("reasoning") or []:  # code reasoning / test-output prediction, greedy
+            tasks = reasoning_tasks(name, cfg, source)
+            rollouts = sampler.generate(tasks, 1, SamplingParams(0.0, 1.0, sampler_cfg.max_new_tokens))
+            acc, ok = reasoning_accuracy(rollouts)
+            results[f"reasoning/{name}/accuracy"] = acc
+            results[f"reasoning/{name}/n"] = len(tasks)
+            with (run_dir / f"reasoning_{name}.jsonl").open("w") as f:
+                for r, good in zip(rollouts, ok):
+                    f.write(json.dumps({"id": r.task.id, "correct": good, "completion": r.completion}) + "\n")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     sampled_keys = sorted({k.split("/", 1)[1] for k in results if k.endswith("_sampled")})
     lines = [
@@ -80,8 +91,39 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
     for sp in cfg["splits"]:
         extra = "".join(f" {results[f'{sp}/{k}']:.3f} |" for k in sampled_keys)
         lines.append(f"| {sp} | {results[f'{sp}/n']} | {results[f'{sp}/pass@1']:.3f} |{extra}")
+    reasoning = [k.split("/")[1] for k in results if k.startswith("reasoning/") and k.endswith("/accuracy")]
+    if reasoning:
+        lines += ["", "| reasoning task | n | accuracy |", "|---|---|---|"]
+        lines += [
+            f"| {r} | {results[f'reasoning/{r}/n']} | {results[f'reasoning/{r}/accuracy']:.3f} |"
+            for r in reasoning
+        ]
     (run_dir / "results.md").write_text("\n".join(lines) + "\n")
     return results
+
+
+REASONING = ("code", "test_output", "cruxeval", "humaneval_asserts")
+
+
+def reasoning_tasks(name: str, cfg: dict, source) -> list:
+    """The tasks of one reasoning evaluation (see ``coderlplus.tasks.reasoning``)."""
+    from coderlplus.tasks import reasoning
+    from coderlplus.tasks.humaneval import HumanEvalSource
+
+    limit = cfg.get("max_tasks")
+    split = cfg["splits"][-1]
+    if name == "code":  # the data source's reference programs
+        return reasoning.tinycode_output_tasks(source.load(split))[:limit]
+    if name == "test_output":
+        return reasoning.output_prediction_tasks(source.load(split))[:limit]
+    if name == "cruxeval":
+        path = cfg.get("cruxeval_path")
+        if not path or not Path(path).exists():
+            raise ConfigError(f"reasoning=[cruxeval] needs cruxeval_path=<cruxeval.jsonl> (got {path!r})")
+        return reasoning.cruxeval_tasks(path, limit)
+    if name == "humaneval_asserts":
+        return reasoning.humaneval_assert_tasks(HumanEvalSource().problems())[:limit]
+    raise ConfigError(f"unknown reasoning evaluation {name!r}; choose from {list(REASONING)}")
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")

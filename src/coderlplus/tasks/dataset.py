@@ -272,6 +272,7 @@ def row_to_task(
     meta = {
         **extra,
         "split": split,
+        "question": row["question"],  # the statement alone (test-output prediction shows it)
         "difficulty": row.get("difficulty"),
         "family": row.get("family"),
     }
