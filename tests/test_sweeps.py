@@ -34,3 +34,23 @@ def test_joblib_sweep_runs_two_jobs_grouped_and_named(tiny_model_dir, tmp_path):
         assert info["name"] in info["tags"]
     for r in runs:
         assert [row["step"] for row in _rows(r) if "reward/mean" in row] == [1]
+
+
+def test_swept_keys_come_from_the_command_line_and_from_sweeper_params(tmp_path):
+    from coderlplus.config import LoggerConfig
+    from coderlplus.train import sweep_logger, swept_keys
+
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n"
+        "  overrides:\n    task: ['algorithm=grpo,rloo', trainer.max_steps=3, 'seed=range(0,3)']\n"
+        "  sweeper:\n    params:\n      experiment: rlvr,coderlplus\n"
+    )
+    assert swept_keys(str(tmp_path)) == {"algorithm", "seed", "experiment"}
+    assert swept_keys(str(tmp_path / "nope")) is None
+    lc = sweep_logger(
+        LoggerConfig(tags=["mine"]),
+        str(tmp_path),
+        ["algorithm=rloo", "trainer.max_steps=3", "seed=1", "experiment=rlvr"],
+    )
+    assert lc.name == "algorithm=rloo,seed=1,experiment=rlvr" and lc.group == f"sweep-{tmp_path.name}"
+    assert lc.tags == ["mine", "algorithm=rloo", "seed=1", "experiment=rlvr"]

@@ -32,18 +32,21 @@ log = logging.getLogger("coderlplus")
 
 
 def swept_keys(sweep_dir: str) -> set[str] | None:
-    """The keys a multirun sweeps (``algorithm=grpo,rloo`` -> ``algorithm``), read from the
-    ``multirun.yaml`` Hydra writes in the sweep folder before launching; None if it is not there."""
+    """The keys a multirun sweeps (``algorithm=grpo,rloo`` -> ``algorithm``; and the keys of
+    ``hydra.sweeper.params``), read from the ``multirun.yaml`` Hydra writes in the sweep folder
+    before launching; None if it is not there."""
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.exists():
         return None
-    task = OmegaConf.load(path).hydra.overrides.task
+    hydra_cfg = OmegaConf.load(path).hydra
     sweep_fns = ("range(", "choice(", "interval(", "glob(", "tag(", "shuffle(", "sort(")
-    return {
-        o.split("=", 1)[0]
-        for o in task
-        if "," in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith(sweep_fns)
-    }
+    keys = set()
+    for o in hydra_cfg.overrides.task:
+        key, _, value = o.partition("=")
+        if "," in value or value.startswith(sweep_fns):
+            keys.add(key)
+    params = OmegaConf.select(hydra_cfg, "sweeper.params") or {}  # sweeps declared in a config file
+    return keys | {str(k) for k in params}
 
 
 def sweep_logger(lc: LoggerConfig, sweep_dir: str, overrides: list[str]) -> LoggerConfig:
