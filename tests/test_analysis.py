@@ -39,6 +39,9 @@ def test_table_is_mean_and_sample_std_over_seeds(multirun):
     assert lines[2] == "| grpo | 0.600 ± 0.141 (2) | 0.200 ± 0.000 (2) |"
     assert lines[3] == "| rloo | 0.400 ± 0.000 (1) | 0.200 ± 0.000 (1) |"
     assert runs[0].curve("eval/pass@1") == ([0, 2], [0.3, 0.5])
+    assert not runs[0].complete
+    (runs[0].path / "summary.json").write_text("{}")
+    assert runs[0].complete
 
 
 def test_plots_are_written(multirun, tmp_path):

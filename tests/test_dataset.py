@@ -62,6 +62,7 @@ def test_round_trip(tmp_path):
     assert task.payload == {"tests": rows[3]["tests"], "reference": rows[3]["solution"]}
     assert task.meta == {
         "split": "train",
+        "question": "Read an integer n. Print n plus 3.",
         "difficulty": 1,
         "family": "arith_const",
         "source_url": "http://x",

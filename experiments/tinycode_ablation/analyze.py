@@ -18,7 +18,10 @@ METRICS = ["eval/pass@1", "eval/align/accuracy", "reward/codegen/mean"]
 
 
 def main(root: str = "multirun/tinycode_ablation") -> str:
-    runs = load_runs(root)
+    found = load_runs(root)
+    runs = [r for r in found if r.complete]  # a run still going would count its step-0 evaluation
+    if len(runs) < len(found):
+        print(f"skipping {len(found) - len(runs)} unfinished runs")
     if not runs:
         raise SystemExit(f"no runs (metrics.jsonl) below {root}")
     table = summary_table(runs, BY, METRICS)

@@ -22,6 +22,11 @@ class Run:
     overrides: dict[str, str]
     rows: list[dict] = field(repr=False)
 
+    @property
+    def complete(self) -> bool:
+        """The run finished (the trainer writes ``summary.json`` last)."""
+        return (self.path / "summary.json").exists()
+
     def final(self, metric: str) -> float | None:
         """The metric's last logged value (None if never logged)."""
         values = [r[metric] for r in self.rows if metric in r]
