@@ -20,6 +20,9 @@ def test_answer_parsing_and_comparison():
     assert R.extract_answer("x is 3, so\nOUTPUT: [1, 2]") == "[1, 2]"
     assert R.extract_answer("OUTPUT: 1\nthen OUTPUT: `'ab'`  ") == "'ab'"  # the last one wins
     assert R.extract_answer("no answer") is None
+    assert R.extract_answer('I run it.\n{"variables": {"n": 3}, "final_output": "3\\n4\\n"}') == "3\\n4\\n"
+    assert R.is_correct(R.extract_answer('{"final_output": "3\\n4\\n"}'), "3\n4\n", "stdout")
+    assert R.extract_answer('{"final_output": 5}') is None and R.extract_answer("{broken") is None
     assert R.is_correct("[1, 2]", "[1,2]", "value") and R.is_correct("(1,)", "(1, )", "value")
     assert not R.is_correct("[2, 1]", "[1, 2]", "value") and not R.is_correct(None, "1", "value")
     assert R.is_correct("'a b'", "'a b'", "value") and not R.is_correct("a b", "'a b'", "value")

@@ -7,7 +7,8 @@
 - **test-output prediction**: a problem statement (no code) and an input; predict the expected
   output (TinyCode).
 
-Every task asks for reasoning first and the answer on the last line as ``OUTPUT: <answer>``.
+Every task asks for reasoning first and the answer on the last line as ``OUTPUT: <answer>``
+(a last-line JSON object with ``final_output``, the CodeRL+ alignment format, is read too).
 An answer is right when it equals the expected output: stdout text compared like a test
 (trailing whitespace ignored), Python values compared as values (``ast.literal_eval``).
 """
@@ -139,12 +140,20 @@ def humaneval_assert_tasks(problems: list[dict], per_problem: int = 1) -> list[T
 
 
 def extract_answer(completion: str) -> str | None:
-    """The text after the last ``OUTPUT:`` (to the end), or None."""
+    """The text after the last ``OUTPUT:`` (to the end); failing that, the ``final_output`` of a
+    JSON object on the last line (the CodeRL+ alignment answer format, which a model trained with
+    alignment tasks uses); else None."""
     idx = completion.rfind("OUTPUT:")
-    if idx < 0:
+    if idx >= 0:
+        m = _ANSWER.match(completion[idx:])
+        return m.group(1).strip().strip("`") if m else None
+    lines = completion.strip().splitlines()
+    try:
+        obj = json.loads(lines[-1]) if lines else None
+    except ValueError:
         return None
-    m = _ANSWER.match(completion[idx:])
-    return m.group(1).strip().strip("`") if m else None
+    value = obj.get("final_output") if isinstance(obj, dict) else None
+    return value.replace("\n", "\\n") if isinstance(value, str) else None
 
 
 def is_correct(answer: str | None, expected: str, style: str) -> bool:
