@@ -95,6 +95,7 @@ def test_eval_cli_on_all_of_humaneval(tiny_model_dir, tmp_path):
         "max_tasks": None,
         "n_samples": 2,
         "k": [1, 2],
+        "logger": {"wandb_mode": "offline"},  # a real offline W&B run
     }
     results = run_eval(cfg, tmp_path / "out")
     assert results["test/n"] == 164  # the tiny model scores ~0: the pipeline is what counts
@@ -103,3 +104,5 @@ def test_eval_cli_on_all_of_humaneval(tiny_model_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 164 * 3 and {r["how"] for r in rows} == {"greedy", "sampled"}
     assert "| test | 164 |" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text())["test/n"] == 164
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*")), "no offline W&B run was written"

@@ -2,7 +2,7 @@
 code-generation splits: TinyCode, HumanEval (``data=humaneval``), any JSONL dataset.
 
 Writes ``results.json`` and ``results.md`` in the Hydra run directory, plus every
-completion in ``<split>.jsonl``. Examples::
+completion in ``<split>.jsonl``, and logs the numbers to W&B (the ``logger`` group). Examples::
 
     coderlplus-eval                                    # the embedded tiny model on TinyCode test
     coderlplus-eval model=hf model.path=outputs/<run>/checkpoints/step_000030/model splits=[validation,test]
@@ -36,6 +36,7 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
 
     from coderlplus.evaluation import greedy_pass_at_1, sampled_pass_at_k
     from coderlplus.execution import Sandbox
+    from coderlplus.logger import RunLogger
     from coderlplus.sampler.base import SamplingParams
     from coderlplus.tasks.reasoning import reasoning_accuracy
 
@@ -99,6 +100,13 @@ def run_eval(cfg: dict, run_dir: Path) -> dict[str, float]:
             for r in reasoning
         ]
     (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    # W&B (offline without a key, like training runs): the numbers as the run's summary.
+    logger = RunLogger(
+        build_config(STATIC_SCHEMAS["logger"], cfg.get("logger") or {}, where="logger"), run_dir, cfg
+    )
+    logger.log(results, step=0)
+    logger.summary(results)
+    logger.close()
     return results
 
 
