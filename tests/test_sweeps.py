@@ -42,7 +42,7 @@ def test_swept_keys_come_from_the_command_line_and_from_sweeper_params(tmp_path)
 
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n"
-        "  overrides:\n    task: ['algorithm=grpo,rloo', trainer.max_steps=3, 'seed=range(0,3)']\n"
+        "  overrides:\n    task: ['algorithm=grpo,rloo', trainer.max_steps=3, 'seed=range(0,3)', 'trainer.eval_splits=[validation,test]']\n"
         "  sweeper:\n    params:\n      experiment: rlvr,coderlplus\n"
     )
     assert swept_keys(str(tmp_path)) == {"algorithm", "seed", "experiment"}

@@ -43,7 +43,7 @@ def swept_keys(sweep_dir: str) -> set[str] | None:
     keys = set()
     for o in hydra_cfg.overrides.task:
         key, _, value = o.partition("=")
-        if "," in value or value.startswith(sweep_fns):
+        if ("," in value and not value.startswith(("[", "{"))) or value.startswith(sweep_fns):  # not a list
             keys.add(key)
     params = OmegaConf.select(hydra_cfg, "sweeper.params") or {}  # sweeps declared in a config file
     return keys | {str(k) for k in params}
