@@ -273,7 +273,7 @@ class Trainer:
         if tc.recompute_old_logp:
             batch.old_logp = self._logprobs(self.policy, batch)
         if self.critic is not None:
-            batch.values = self._logprobs(self.critic, batch)
+            batch.values = self._per_micro_batch(self.critic, batch)
         adv = self.algo.compute_advantages(batch, ac)  # (B, T)
         adv_metrics = advantage_metrics(adv, batch.response_mask)
         t3 = time.perf_counter()
@@ -293,22 +293,23 @@ class Trainer:
         }
         return metrics
 
-    @torch.no_grad()
     def _logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
-        """Teacher-forced log-probs ``[B, T]`` of the response tokens (or, for the critic, its
-        values), micro-batched."""
+        """Teacher-forced log-probs ``[B, T]`` of the response tokens under ``model``."""
+        kc, temp = self.cfg.kernels, self.cfg.sampler.temperature
+        return self._per_micro_batch(
+            lambda ids, am, T: sequence_logprobs(model, ids, am, T, temp, kernels=kc)[0], batch
+        )
+
+    @torch.no_grad()
+    def _per_micro_batch(self, fn, batch: RolloutBatch) -> torch.Tensor:
+        """``fn(input_ids, attention_mask, T) -> [b, T]`` over micro-batches, without gradients:
+        log-probs (policy, reference) or the critic's values."""
         T, mb = batch.response_mask.shape[1], self.cfg.trainer.micro_batch_size
         out = []
         for s in range(0, len(batch), mb):
             ids = batch.input_ids[s : s + mb].to(self.device)
             am = batch.attention_mask[s : s + mb].to(self.device)
-            if model is self.critic:
-                out.append(model(ids, am, T).cpu())
-            else:
-                logp, _ = sequence_logprobs(
-                    model, ids, am, T, self.cfg.sampler.temperature, kernels=self.cfg.kernels
-                )
-                out.append(logp.cpu())
+            out.append(fn(ids, am, T).cpu())
         return torch.cat(out)
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:

@@ -87,26 +87,23 @@ def _triton_rows(device: torch.device):
     return TRITON_ROWS
 
 
-def _torch_logits(logits, tokens, temperature, chunk):
+# The row work of each backend; None = the plain reference (full logits, autograd through them).
+_ROWS: dict[str, Callable[[torch.device], chunked.RowOps | None]] = {
+    "torch": lambda device: None,
+    "chunked": lambda device: chunked.TORCH_ROWS,
+    "triton": _triton_rows,
+}
+
+
+def _reference(logits, tokens, temperature, with_entropy):
     if temperature > 0 and temperature != 1.0:  # <= 0 (greedy) means the raw logits
         logits = upcast(logits) / temperature
-    return _ref_logprobs(logits, tokens), entropy_from_logits(logits)
+    return _ref_logprobs(logits, tokens), (entropy_from_logits(logits) if with_entropy else None)
 
 
-_LOGITS: dict[str, Callable] = {
-    "torch": _torch_logits,
-    "chunked": lambda z, y, temp, chunk: chunked.logprobs_from_logits(z, y, temp, chunk),
-    "triton": lambda z, y, temp, chunk: chunked.logprobs_from_logits(
-        z, y, temp, chunk, _triton_rows(z.device)
-    ),
-}
-_HIDDEN: dict[str, Callable] = {
-    "torch": lambda h, w, y, temp, chunk: _torch_logits(h @ w.T, y, temp, chunk),
-    "chunked": lambda h, w, y, temp, chunk: chunked.logprobs_from_hidden(h, w, y, temp, chunk),
-    "triton": lambda h, w, y, temp, chunk: chunked.logprobs_from_hidden(
-        h, w, y, temp, chunk, _triton_rows(h.device)
-    ),
-}
+def _shaped(out, shape, with_entropy):
+    logp, entropy = out
+    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
 
 
 def logprobs_from_logits(
@@ -119,12 +116,13 @@ def logprobs_from_logits(
 ):
     """``log softmax(logits / temperature)[tokens]``: logits ``[..., V]``, tokens ``[...]`` ->
     ``[...]`` fp32; with ``with_entropy`` also the entropy ``[...]``."""
-    name = resolve_backend(backend, logits.device)
-    shape = tokens.shape
-    logp, entropy = _LOGITS[name](
-        logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), temperature, chunk
-    )
-    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
+    rows = _ROWS[resolve_backend(backend, logits.device)](logits.device)
+    z, y = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+    if rows is None:
+        out = _reference(z, y, temperature, with_entropy)
+    else:
+        out = chunked.logprobs_from_logits(z, y, temperature, chunk, rows)
+    return _shaped(out, tokens.shape, with_entropy)
 
 
 def logprobs_from_hidden(
@@ -138,12 +136,13 @@ def logprobs_from_hidden(
 ):
     """``log softmax(hidden @ weight.T / temperature)[tokens]``: hidden ``[..., H]``, weight
     ``[V, H]``, tokens ``[...]`` -> ``[...]`` fp32 (and the entropy with ``with_entropy``)."""
-    name = resolve_backend(backend, hidden.device)
-    shape = tokens.shape
-    logp, entropy = _HIDDEN[name](
-        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), temperature, chunk
-    )
-    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
+    rows = _ROWS[resolve_backend(backend, hidden.device)](hidden.device)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    if rows is None:
+        out = _reference(h @ weight.T, y, temperature, with_entropy)
+    else:
+        out = chunked.logprobs_from_hidden(h, weight, y, temperature, chunk, rows)
+    return _shaped(out, tokens.shape, with_entropy)
 
 
 def sequence_logprobs(
@@ -177,8 +176,8 @@ def sequence_logprobs(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         hidden = out.last_hidden_state[:, -T - 1 : -1][real]  # (N, H): position j predicts token j+1
-        logp, entropy = logprobs_from_hidden(
-            hidden, head.weight, tokens, kc.backend, True, temperature, kc.chunk_size
+        out = logprobs_from_hidden(
+            hidden, head.weight, tokens, kc.backend, with_entropy, temperature, kc.chunk_size
         )
     else:
         out = model(
@@ -189,7 +188,8 @@ def sequence_logprobs(
             use_cache=False,
         )
         logits = out.logits[:, :-1][real]  # (N, V)
-        logp, entropy = logprobs_from_logits(logits, tokens, kc.backend, True, temperature, kc.chunk_size)
+        out = logprobs_from_logits(logits, tokens, kc.backend, with_entropy, temperature, kc.chunk_size)
+    logp, entropy = out if with_entropy else (out, None)  # the reference skips an unused entropy
     full = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     logp = full.masked_scatter(real, logp)
     if not with_entropy:

@@ -66,17 +66,22 @@ def _grads_in(g_logp, g_ent, like):
     return g_logp, None if g_ent is None else g_ent.to(like.dtype).contiguous()
 
 
+def _stats_by_chunk(n, chunk, rows, tokens, scale, logits_of, like):
+    """``[3, n]`` (logp, entropy, lse) of rows ``0..n`` in chunks; ``logits_of(s, e)`` gives the
+    ``[e - s, V]`` logits of rows ``s..e`` (a slice, or a matmul dropped after the reduction)."""
+    out = like.new_empty(3, n, dtype=torch.promote_types(like.dtype, torch.float32))
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        out[0, s:e], out[1, s:e], out[2, s:e] = rows.stats(logits_of(s, e), tokens[s:e], scale)
+    return out
+
+
 class ChunkedLogits(torch.autograd.Function):
     """``(logp [N], entropy [N])`` from logits ``[N, V]``, chunk rows at a time."""
 
     @staticmethod
     def forward(ctx, logits, tokens, scale, chunk, rows):
-        N = logits.shape[0]
-        out = logits.new_empty(3, N, dtype=torch.promote_types(logits.dtype, torch.float32))  # logp, H, lse
-        for s in range(0, N, chunk):
-            out[0, s : s + chunk], out[1, s : s + chunk], out[2, s : s + chunk] = rows.stats(
-                logits[s : s + chunk], tokens[s : s + chunk], scale
-            )
+        out = _stats_by_chunk(logits.shape[0], chunk, rows, tokens, scale, lambda s, e: logits[s:e], logits)
         ctx.save_for_backward(logits, tokens, out[2], out[1])
         ctx.set_materialize_grads(False)  # an unused entropy arrives as None: its term is skipped
         ctx.scale, ctx.chunk, ctx.rows = scale, chunk, rows
@@ -107,13 +112,9 @@ class ChunkedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, scale, chunk, rows):
-        N = hidden.shape[0]
-        out = hidden.new_empty(3, N, dtype=torch.promote_types(hidden.dtype, torch.float32))  # logp, H, lse
-        for s in range(0, N, chunk):
-            z = hidden[s : s + chunk] @ weight.T  # (c, V), dropped after the reduction
-            out[0, s : s + chunk], out[1, s : s + chunk], out[2, s : s + chunk] = rows.stats(
-                z, tokens[s : s + chunk], scale
-            )
+        out = _stats_by_chunk(
+            hidden.shape[0], chunk, rows, tokens, scale, lambda s, e: hidden[s:e] @ weight.T, hidden
+        )
         ctx.save_for_backward(hidden, weight, tokens, out[2], out[1])
         ctx.set_materialize_grads(False)
         ctx.scale, ctx.chunk, ctx.rows = scale, chunk, rows
