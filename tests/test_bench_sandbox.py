@@ -19,6 +19,7 @@ def test_bench_sandbox_quick():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     for executor in ("baseline", "pool-bwrap", "pool-rlimit"):
         assert any(line.startswith(f"| {executor} | trivial |") for line in rows), out.stdout
+    for executor in ("baseline", "pool-bwrap", "pool-bwrap-per-test", "pool-rlimit"):
         assert any(line.startswith(f"| {executor} | tinycode |") for line in rows), out.stdout
     assert "speed-up vs baseline" in out.stdout
     assert "trace / run" in out.stdout

@@ -3,8 +3,10 @@
 Measures, in one run and side by side:
 
 (a) executions/second of ``run_many`` on a trivial program (``print(sum(range(100)))``);
-(b) executions/second on TinyCode reference solutions, each run on each of its tests and
-    checked (every one must pass);
+(b) test executions/second checking TinyCode reference solutions against their tests
+    (every one must pass): ``check_many`` for the pools (by default a program's stdin
+    tests share one child, ``pool-bwrap-per-test`` forks one per test), one fresh
+    interpreter per (program, test) for the baseline;
 (c) the overhead of ``trace_many`` over ``run_many`` on the TinyCode runs of (b).
 
 Executors:
@@ -46,7 +48,11 @@ from coderlplus.tasks.tinycode import generate_split
 HERE = Path(__file__).resolve().parent
 TRIVIAL = "print(sum(range(100)))"
 TRIVIAL_OUT = "4950"
-EXECUTORS = ("baseline", "pool-bwrap", "pool-rlimit")
+EXECUTORS = ("baseline", "pool-bwrap", "pool-bwrap-per-test", "pool-rlimit")
+WORKLOAD_EXECUTORS = {  # a per-test pool runs trivial programs exactly as pool-bwrap does
+    "trivial": ("baseline", "pool-bwrap", "pool-rlimit"),
+    "tinycode": EXECUTORS,
+}
 
 Item = tuple[str, str]  # (program, stdin)
 
@@ -89,6 +95,12 @@ class Baseline:
     def run_many(self, items: Sequence[Item]) -> list[ExecResult]:
         return list(self.threads.map(self._run_one, range(len(items)), *zip(*items)))
 
+    def check_many(self, checks: Sequence[tuple[str, list[dict]]]) -> list[list[str]]:
+        """Statuses of every test of every program: one fresh interpreter per (program, test)."""
+        jobs = [(code, test) for code, tests in checks for test in tests]
+        results = iter(self.run_many([program_for_test(code, test) for code, test in jobs]))
+        return [[judge(test, next(results)) for test in tests] for _, tests in checks]
+
     def close(self) -> None:
         self.threads.shutdown()
         self.dir.cleanup()
@@ -97,16 +109,24 @@ class Baseline:
 class Pool:
     """Our :class:`Sandbox`, with one isolation mode."""
 
-    def __init__(self, isolation: str, workers: int, timeout_s: float):
-        self.name = f"pool-{isolation}"
+    def __init__(self, isolation: str, workers: int, timeout_s: float, batch_tests: bool = True):
+        self.name = f"pool-{isolation}" + ("" if batch_tests else "-per-test")
         t0 = time.perf_counter()
         self.sandbox = Sandbox(
-            timeout_s=timeout_s, memory_mb=512, workers=workers, isolation=isolation, require_isolation=True
+            timeout_s=timeout_s,
+            memory_mb=512,
+            workers=workers,
+            isolation=isolation,
+            require_isolation=True,
+            batch_tests=batch_tests,
         )
         self.startup_s = time.perf_counter() - t0
 
     def run_many(self, items: Sequence[Item]) -> list[ExecResult]:
         return self.sandbox.run_many(items)
+
+    def check_many(self, checks: Sequence[tuple[str, list[dict]]]) -> list[list[str]]:
+        return [c.statuses for c in self.sandbox.check_many(checks)]
 
     def close(self) -> None:
         self.sandbox.close()
@@ -115,14 +135,15 @@ class Pool:
 # ----------------------------------------------------------------------------- workloads
 
 
-def tinycode_jobs(n_tasks: int) -> tuple[list[Item], list[dict]]:
-    """(program, stdin) of every (reference solution, test) pair of ``n_tasks`` problems, and the tests."""
-    items, tests = [], []
-    for row in generate_split("train", n_tasks, seed=0):
-        for test in row["tests"]:
-            items.append(program_for_test(row["solution"], test))
-            tests.append(test)
-    return items, tests
+def tinycode_checks(n_tasks: int) -> list[tuple[str, list[dict]]]:
+    """(reference solution, its tests) of ``n_tasks`` TinyCode train problems."""
+    return [(row["solution"], row["tests"]) for row in generate_split("train", n_tasks, seed=0)]
+
+
+def tinycode_jobs(checks: Sequence[tuple[str, list[dict]]]) -> tuple[list[Item], list[dict]]:
+    """(program, stdin) of every (program, test) pair, and the tests."""
+    pairs = [(code, test) for code, tests in checks for test in tests]
+    return [program_for_test(code, test) for code, test in pairs], [test for _, test in pairs]
 
 
 def n_failed(results: Sequence[ExecResult], tests: Sequence[dict]) -> int:
@@ -186,7 +207,7 @@ def throughput_table(times: dict[tuple[str, str], list[float]], sizes: dict[str,
     ]
     for workload, n in sizes.items():
         base = times["baseline", workload]
-        for name in EXECUTORS:
+        for name in WORKLOAD_EXECUTORS[workload]:
             ts = times[name, workload]
             med = statistics.median(ts)
             rows.append(
@@ -201,7 +222,7 @@ def trace_table(trace_times: dict[tuple[str, str], list[float]], n: int) -> str:
         "| executor | programs | run_many s | trace_many s | trace / run |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in EXECUTORS[1:]:
+    for name in ("pool-bwrap", "pool-rlimit"):
         run_s = statistics.median(trace_times[name, "run"])
         trace_s = statistics.median(trace_times[name, "trace"])
         rows.append(f"| {name} | {n} | {run_s:.2f} | {trace_s:.2f} | {trace_s / run_s:.2f}× |")
@@ -228,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
     trivial = [(TRIVIAL, "")] * args.n_trivial
-    tasks, tests = tinycode_jobs(args.n_tasks)
+    checks = tinycode_checks(args.n_tasks)
+    tasks, tests = tinycode_jobs(checks)
     print(
         f"{args.n_trivial} trivial programs, {len(tasks)} TinyCode (program, test) pairs "
         f"({args.n_tasks} problems), {workers} workers, {args.repeats} repeat(s)",
@@ -238,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     executors = {
         "baseline": Baseline(workers, args.timeout),
         "pool-bwrap": Pool("bwrap", workers, args.timeout),
+        "pool-bwrap-per-test": Pool("bwrap", workers, args.timeout, batch_tests=False),
         "pool-rlimit": Pool("rlimit", workers, args.timeout),
     }
     failures: list[str] = []
@@ -245,27 +268,32 @@ def main(argv: list[str] | None = None) -> int:
         warm = trivial[: 4 * workers] + tasks[: 4 * workers]
         for ex in executors.values():
             ex.run_many(warm)
+            ex.check_many(checks[: 4 * workers])
             if isinstance(ex, Pool):
                 ex.sandbox.trace_many(warm)
 
         times: dict[tuple[str, str], list[float]] = {}
         trace_times: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.repeats):
-            order = EXECUTORS[rep % 3 :] + EXECUTORS[: rep % 3]
+            order = EXECUTORS[rep % len(EXECUTORS) :] + EXECUTORS[: rep % len(EXECUTORS)]
             for name in order:
                 ex = executors[name]
-                dt, results = timed(lambda ex=ex: ex.run_many(trivial))
-                times.setdefault((name, "trivial"), []).append(dt)
-                bad = sum(r.status != "ok" or r.stdout.strip() != TRIVIAL_OUT for r in results)
-                if bad:
-                    failures.append(f"{name}: {bad} trivial programs failed, e.g. {results[0]!r:.300}")
+                if name in WORKLOAD_EXECUTORS["trivial"]:
+                    dt, results = timed(lambda ex=ex: ex.run_many(trivial))
+                    times.setdefault((name, "trivial"), []).append(dt)
+                    bad = sum(r.status != "ok" or r.stdout.strip() != TRIVIAL_OUT for r in results)
+                    if bad:
+                        failures.append(f"{name}: {bad} trivial programs failed, e.g. {results[0]!r:.300}")
 
-                dt, results = timed(lambda ex=ex: ex.run_many(tasks))
+                dt, statuses = timed(lambda ex=ex: ex.check_many(checks))
                 times.setdefault((name, "tinycode"), []).append(dt)
-                if n_fail := n_failed(results, tests):
+                if n_fail := sum(s != "pass" for row in statuses for s in row):
                     failures.append(f"{name}: {n_fail}/{len(tasks)} TinyCode tests did not pass")
 
-                if isinstance(ex, Pool):  # (c): trace_many vs run_many, alternating which goes first
+                if name in (
+                    "pool-bwrap",
+                    "pool-rlimit",
+                ):  # (c): trace_many vs run_many, alternating which goes first
                     pair = [("run", ex.sandbox.run_many), ("trace", ex.sandbox.trace_many)]
                     for kind, fn in pair if rep % 2 else pair[::-1]:
                         dt, results = timed(lambda fn=fn: fn(tasks))

@@ -145,6 +145,9 @@ class ExecutionConfig:
     """Replace a sandbox server by a fresh one after this many programs."""
     site_packages: bool = False
     """Let programs import the trainer's site-packages (read-only); default: stdlib only."""
+    batch_tests: bool = True
+    """Run a program's stdin/stdout tests in one child process (each with its own stdin,
+    output, limits, fresh __main__), not one process per test; see Sandbox."""
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.memory_mb < 16 or self.max_output_bytes < 1:
