@@ -34,6 +34,7 @@ class GRPOConfig(AlgorithmConfig):
 @register_algorithm("grpo")
 class GRPO(Algorithm):
     Config = GRPOConfig
+    min_group_size = 2  # the baseline is the group's other rollouts
 
     @torch.no_grad()
     def compute_advantages(self, batch: RolloutBatch, cfg: GRPOConfig) -> torch.Tensor:

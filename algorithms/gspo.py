@@ -37,6 +37,7 @@ class GSPOConfig(AlgorithmConfig):
 @register_algorithm("gspo")
 class GSPO(Algorithm):
     Config = GSPOConfig
+    min_group_size = 2  # the baseline is the group's other rollouts
 
     @torch.no_grad()
     def compute_advantages(self, batch: RolloutBatch, cfg: GSPOConfig) -> torch.Tensor:

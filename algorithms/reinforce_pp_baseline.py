@@ -34,6 +34,7 @@ class ReinforcePPBaselineConfig(AlgorithmConfig):
 @register_algorithm("reinforce_pp_baseline")
 class ReinforcePPBaseline(Algorithm):
     Config = ReinforcePPBaselineConfig
+    min_group_size = 2  # the baseline is the group's other rollouts
 
     @torch.no_grad()
     def compute_advantages(self, batch: RolloutBatch, cfg: ReinforcePPBaselineConfig) -> torch.Tensor:

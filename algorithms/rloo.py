@@ -28,6 +28,7 @@ class RLOOConfig(AlgorithmConfig):
 @register_algorithm("rloo")
 class RLOO(Algorithm):
     Config = RLOOConfig
+    min_group_size = 2  # the baseline is the group's other rollouts
 
     @torch.no_grad()
     def compute_advantages(self, batch: RolloutBatch, cfg: RLOOConfig) -> torch.Tensor:

@@ -121,6 +121,9 @@ class Algorithm:
 
     Config: ClassVar[type] = AlgorithmConfig
     registry_name: ClassVar[str | None] = None
+    min_group_size: ClassVar[int] = 1
+    """The smallest ``trainer.group_size`` that gives a learning signal (2 for a baseline made of the
+    other rollouts of the same prompt: a group of one gets advantage 0); checked at start-up."""
 
     @classmethod
     def default_config(cls) -> AlgorithmConfig:

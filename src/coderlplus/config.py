@@ -25,6 +25,7 @@ from coderlplus.kernels import KernelsConfig
 from coderlplus.registry import (
     ALGORITHMS,
     MODELS,
+    REWARDS,
     SAMPLERS,
     TASK_SOURCES,
     ConfigError,
@@ -58,9 +59,19 @@ class TrainerConfig:
     save_every: int = 0
     """Save a checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
-    """Checkpoints kept (older ones are deleted)."""
+    """Checkpoints kept (older ones are deleted), besides the best one (keep_best)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the best eval/validation/pass@1, saving one at every evaluation
+    that sets a new best (needs validation in eval_splits; without it there is no best)."""
     resume: Any = False
-    """false, auto (latest checkpoint of this run dir) or a checkpoint path."""
+    """false; auto (the newest complete checkpoint of this run dir, or a fresh start if there is none);
+    or a path: a checkpoint folder (checkpoints/step_N) or a run dir (its newest checkpoint)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): with a fixed thread count a CPU run is bit-for-bit
+    reproducible, and a resumed run matches an uninterrupted one."""
+    check_references: bool = True
+    """Before training, run every reference solution of the train and eval splits on its tests (the
+    sandbox; cached by content): a row whose reference fails is an error naming its file and line."""
     recompute_old_logp: bool = False
     """Recompute old log-probs with a forward pass instead of taking the sampler's (exact when the
     sampler shares the policy's weights, as the hf sampler does)."""
@@ -267,10 +278,56 @@ def resolve_config(cfg: dict[str, Any]) -> ResolvedConfig:
         raise ConfigError(
             "reward: expected a mapping task kind -> {reward name: options}, e.g. reward=outcome"
         )
+    for kind, rewards in reward.items():  # each reward's options, checked now rather than at start-up
+        for name, opts in (rewards or {}).items():
+            REWARDS.get(name)  # unknown name -> lists the valid ones
+            REWARDS.make_config(name, dict(opts or {}), where=f"reward.{kind}.{name}")
     out["reward"] = reward
     if out["alignment"].enabled and ALIGN_KIND not in reward:
         raise ConfigError(
             f"alignment.enabled=true makes {ALIGN_KIND!r} tasks, but the reward config scores only "
             f"{sorted(reward)}; use reward=coderlplus (or add reward.{ALIGN_KIND}.trace_alignment)"
         )
-    return ResolvedConfig(**out)
+    resolved = ResolvedConfig(**out)
+    check_combinations(resolved)
+    return resolved
+
+
+def check_combinations(rc: ResolvedConfig) -> None:
+    """Checks across groups (each group's dataclass checks its own values); ConfigError says what to set."""
+    from coderlplus.algorithm import Algorithm
+
+    tc, ac = rc.trainer, rc.algorithm
+    rollouts = tc.rollouts_per_step
+    if rollouts % ac.mini_batches:
+        raise ConfigError(
+            f"algorithm.mini_batches={ac.mini_batches} does not divide the {rollouts} rollouts of a step "
+            f"(trainer.prompts_per_step={tc.prompts_per_step} x trainer.group_size={tc.group_size}); "
+            f"pick a divisor of {rollouts}"
+        )
+    algo_cls = ALGORITHMS.get(rc.algorithm_name)
+    min_group = getattr(algo_cls, "min_group_size", 1)
+    if tc.group_size < min_group:
+        raise ConfigError(
+            f"algorithm={rc.algorithm_name} compares the rollouts of a prompt with each other, so "
+            f"trainer.group_size={tc.group_size} gives every rollout advantage 0; set trainer.group_size>={min_group}"
+        )
+    if ac.loss_norm_tokens and ac.loss_agg != "seq-mean-token-sum-norm":
+        raise ConfigError(
+            f"algorithm.loss_norm_tokens={ac.loss_norm_tokens} applies only to "
+            f"algorithm.loss_agg=seq-mean-token-sum-norm (it is {ac.loss_agg}); set one or drop the other"
+        )
+    if ac.fused_loss and algo_cls.policy_loss is not Algorithm.policy_loss:
+        raise ConfigError(
+            f"algorithm.fused_loss=true does not apply to algorithm={rc.algorithm_name}: it computes its "
+            f"own policy loss; drop algorithm.fused_loss"
+        )
+    al = rc.alignment
+    if al.enabled:
+        n_align = round(al.ratio * tc.prompts_per_step)
+        if not 0 < n_align < tc.prompts_per_step:
+            raise ConfigError(
+                f"alignment.ratio={al.ratio} of trainer.prompts_per_step={tc.prompts_per_step} gives "
+                f"{n_align} alignment prompts per batch: need at least 1 and fewer than "
+                f"{tc.prompts_per_step} (code prompts feed the buffer); change either value"
+            )

@@ -53,3 +53,6 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         f"steps {summary['steps']}  |  {summary['minutes']:.1f} min  |  pass@1 change {gain:+.1f} points\n"
         f"run dir: {summary['run_dir']}  (metrics.jsonl, eval/, checkpoints/)"
     )
+    if "best_checkpoint" in summary:
+        best = next(v for k, v in summary.items() if k.startswith("best_eval/"))
+        console.print(f"best checkpoint (validation pass@1 {best:.3f}): {summary['best_checkpoint']}")

@@ -21,10 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from coderlplus.checkpoint import CheckpointError
 from coderlplus.config import LoggerConfig, conf_dir, register_hydra_configs, resolve_config
 from coderlplus.models.hf import quiet_hf_progress_bars
 from coderlplus.plugins import load_plugins
 from coderlplus.registry import ConfigError, UnknownPluginError
+from coderlplus.tasks.dataset import DatasetError
 
 load_plugins()
 register_hydra_configs()
@@ -79,13 +81,32 @@ def main(cfg: DictConfig) -> dict | None:
     run_dir = hc.runtime.output_dir
     if hc.mode == RunMode.MULTIRUN:  # one W&B group per sweep; readable run names; swept values as tags
         resolved.logger = sweep_logger(resolved.logger, hc.sweep.dir, list(hc.overrides.task))
-    trainer = Trainer(resolved, run_dir, full_config=full)
     try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
+        trainer = Trainer(resolved, run_dir, full_config=full)
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.close()
+    except (ConfigError, UnknownPluginError, DatasetError, CheckpointError) as e:  # say it, no traceback
+        kind = {DatasetError: "dataset", CheckpointError: "checkpoint"}.get(type(e), "configuration")
+        print(f"coderlplus: {kind} error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, CheckpointError) else 2)
+    if summary.get("interrupted"):  # SIGINT/SIGTERM: checkpoint saved; say how to go on
+        print(
+            f"coderlplus: stopped by {summary['interrupted']} after step {summary['step']}; checkpoint "
+            f"{summary['checkpoint']}.\nResume with:\n  {resume_command(list(hc.overrides.task), run_dir)}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + summary["signum"])
     print_summary(summary)
     return summary
+
+
+def resume_command(overrides: list[str], run_dir: str) -> str:
+    """The command line that continues a run: its overrides, ``trainer.resume=auto`` and its run dir."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("trainer.resume=", "hydra.run.dir="))]
+    quoted = [f"'{o}'" if any(c in o for c in " []{},*?$") else o for o in keep]
+    return " ".join(["coderlplus-train", *quoted, "trainer.resume=auto", f"hydra.run.dir={run_dir}"])
 
 
 if __name__ == "__main__":

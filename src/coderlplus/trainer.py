@@ -2,6 +2,17 @@
 
 Every box is a plugin or a small module; this file only wires them (DESIGN §3).
 Shapes: B rollouts (= prompts_per_step * group_size), P prompt tokens, T response tokens.
+
+Reliability (what a resumed run relies on):
+
+- a checkpoint holds everything the next step depends on: weights, optimiser, scheduler,
+  RNG (python, numpy, torch), the data position (``code_seen``; the order is a function of
+  (seed, epoch)), the alignment buffer, the critic, and the metrics state (lines of
+  ``metrics.jsonl``, the pre-RL evaluation, the best validation pass@1, sandbox counters);
+  so on the CPU a resumed run repeats the uninterrupted run's steps exactly;
+- SIGINT/SIGTERM end the current step, save and stop (:mod:`coderlplus.preemption`);
+- a reward, sandbox or harvest failure on a rollout scores it 0 and is counted in
+  ``errors/*``; the step goes on.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -20,26 +32,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from coderlplus.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from coderlplus.config import ResolvedConfig
+from coderlplus.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from coderlplus.config import ConfigError, ResolvedConfig
 from coderlplus.evaluation import greedy_pass_at_1
 from coderlplus.execution import Sandbox
 from coderlplus.kernels import check_backend, sequence_logprobs
-from coderlplus.logger import RunLogger
+from coderlplus.logger import RunLogger, truncate_metrics
 from coderlplus.ops import micro_batch_weight
+from coderlplus.preemption import StopOnSignals
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
 from coderlplus.reward import RewardRouter
 from coderlplus.sampler.base import SamplingParams, encode_prompts
 from coderlplus.tasks.alignment import Alignment, alignment_metrics
+from coderlplus.tasks.dataset import check_references
 from coderlplus.types import RewardOutput, Rollout, RolloutBatch, Task
 
 log = logging.getLogger(__name__)
+
+BEST_METRIC = "eval/validation/pass@1"
+"""The metric ``trainer.keep_best`` ranks checkpoints by."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms() -> None:
+    """Make torch pick deterministic kernels (an error where there is none); on CUDA, cuBLAS needs
+    a fixed workspace, set before its first use."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def make_batch(rollouts: list[Rollout], scores: list[RewardOutput], pad_id: int) -> RolloutBatch:
@@ -76,9 +106,9 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
         "reward/std": float(rewards.std()),
         "response/length_mean": float(np.mean([len(r.response_ids) for r in rollouts])),
         "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
-        "errors/reward": float(
-            sum(any(isinstance(v, dict) and "reward_error" in v for v in s.info.values()) for s in scores)
-        ),
+        # rollouts scored 0 because a reward raised, by where it raised (coderlplus.reward)
+        "errors/reward": float(sum("reward" in _error_origins(s) for s in scores)),
+        "errors/sandbox": float(sum("sandbox" in _error_origins(s) for s in scores)),
     }
     kinds = [r.task.kind for r in rollouts]
     for kind in sorted(set(kinds)):
@@ -92,6 +122,14 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
     groups = rewards.reshape(-1, group_size)
     m["batch/groups_with_signal"] = float((groups.std(axis=1) > 0).mean())
     return m
+
+
+def _error_origins(score: RewardOutput) -> set[str]:
+    return {
+        v.get("error_origin", "reward")
+        for v in score.info.values()
+        if isinstance(v, dict) and "reward_error" in v
+    }
 
 
 def advantage_metrics(adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -116,6 +154,8 @@ class Trainer:
         tc = cfg.trainer
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if tc.deterministic:
+            use_deterministic_algorithms()
         seed_everything(cfg.seed)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
@@ -133,9 +173,19 @@ class Trainer:
         self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
         self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer, seed=cfg.seed)
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
+        try:
+            self._setup(full_config)
+        except BaseException:  # a bad dataset or checkpoint: leave no sandbox or engine behind
+            self.sandbox.close()
+            self.sampler.close()
+            raise
+
+    def _setup(self, full_config: dict[str, Any] | None) -> None:
+        """Tasks, optimisers, the resumed state and the logger (after the sandbox exists)."""
+        cfg, tc = self.cfg, self.cfg.trainer
         self.reward = RewardRouter(cfg.reward, sandbox=self.sandbox)
         source = TASK_SOURCES.get(cfg.data_name)(cfg.data)
-        max_prompt = getattr(cfg.model, "max_prompt_tokens", None)
+        max_prompt = self._prompt_limit()
         # CodeRL+: alignment tasks harvested from failed rollouts, mixed into later batches.
         self.alignment = None
         if cfg.alignment.enabled:
@@ -150,6 +200,13 @@ class Trainer:
         self.eval_tasks = {
             s: self._fit_prompts(source.load(s), s, max_prompt)[: tc.eval_max_tasks] for s in tc.eval_splits
         }
+        if tc.check_references:  # a reference that fails its own tests: a wrong row (file:line)
+            from coderlplus.models.tiny import cache_root
+
+            for tasks in [self.train_tasks, *self.eval_tasks.values()]:  # one cache entry per split
+                checked = check_references(tasks, self.sandbox, source, cache_dir=cache_root() / "checked")
+                if checked:
+                    log.info("reference solutions of %d tasks pass their tests", checked)
         # With alignment on: held-out alignment tasks from the first eval split's reference programs.
         self.align_eval_tasks = []
         if self.alignment is not None and tc.eval_splits:
@@ -174,28 +231,58 @@ class Trainer:
             self.critic_optimizer = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
             )
-        self.logger = RunLogger(cfg.logger, self.run_dir, full_config or {})
         self.step = 0
         self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
         self._order_epoch, self._order = -1, []
-        self._maybe_resume()
+        self.before: dict[str, float] = {}  # the evaluation before RL (step 0), kept for the summary
+        self.best: dict[str, float] = {}  # {"step", "value"}: the best BEST_METRIC of a checkpoint so far
+        self._saved_step = -1
+        self._logged_errors: set[str] = set()
+        self.resumed_from: Path | None = None  # the checkpoint this run continues
+        state = self._maybe_resume()  # before the logger opens metrics.jsonl: resume may cut it
+        self.resumed = state is not None
+        # sandbox/* count from the first step on (not the start-up checks, which a cache may skip),
+        # continuing a resumed run's counts
+        saved = (state or {}).get("sandbox_stats") or {}
+        self._sandbox_offset = {k: saved.get(k, 0) - v for k, v in self.sandbox.stats.items()}
+        self.logger = RunLogger(
+            cfg.logger, self.run_dir, full_config or {}, resume_id=(state or {}).get("wandb_id")
+        )
 
     # ------------------------------------------------------------------ setup helpers
+    def _prompt_limit(self) -> int | None:
+        """The longest prompt (tokens) the run takes: ``model.max_prompt_tokens``, and at most what the
+        model's context (``max_position_embeddings``) leaves after ``sampler.max_new_tokens``."""
+        limit = getattr(self.cfg.model, "max_prompt_tokens", None)
+        context = getattr(self.policy.config, "max_position_embeddings", None)
+        new = getattr(self.cfg.sampler, "max_new_tokens", 0)
+        if context:
+            if new >= context:
+                raise ConfigError(
+                    f"sampler.max_new_tokens={new} leaves no room for a prompt: the model's context is "
+                    f"{context} tokens (max_position_embeddings); lower sampler.max_new_tokens"
+                )
+            limit = context - new if limit is None else min(limit, context - new)
+        return limit
+
     def _fit_prompts(self, tasks: list[Task], split: str, max_prompt: int | None) -> list[Task]:
+        """Drop (with a warning naming them) the prompts longer than ``max_prompt`` tokens."""
         if not max_prompt:
             return tasks
         lengths = [len(p) for p in encode_prompts(self.tokenizer, tasks)]
         kept = [t for t, n in zip(tasks, lengths) if n <= max_prompt]
-        if len(kept) < len(tasks):
-            log.warning(
-                "%s: dropped %d of %d prompts longer than model.max_prompt_tokens=%d",
-                split,
-                len(tasks) - len(kept),
-                len(tasks),
-                max_prompt,
-            )
+        too_long = [f"{t.id} ({n} tokens)" for t, n in zip(tasks, lengths) if n > max_prompt]
+        what_to_do = (
+            f"the limit is model.max_prompt_tokens or the model's context minus sampler.max_new_tokens: "
+            f"{max_prompt} tokens; raise it, or shorten the prompt template"
+        )
         if not kept:
-            raise ValueError(f"{split}: every prompt is longer than model.max_prompt_tokens={max_prompt}")
+            raise ConfigError(f"{split}: every prompt is too long, e.g. {too_long[:3]}; {what_to_do}")
+        if too_long:
+            log.warning(
+                "%s: dropped %d of %d prompts that are too long, e.g. %s; %s",
+                split, len(too_long), len(tasks), ", ".join(too_long[:5]), what_to_do,
+            )  # fmt: skip
         return kept
 
     def _lr_factor(self, update: int, total: int) -> float:
@@ -207,30 +294,75 @@ class Trainer:
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    def _maybe_resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint ``trainer.resume`` names: none (false), the newest complete one of this run
+        dir (auto), a checkpoint folder, or the newest of another run dir."""
         resume = self.cfg.trainer.resume
         if resume in (False, None, "false"):
-            return
+            return None
         if resume == "auto":
-            found = list_checkpoints(self.run_dir)
-            if not found:
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
                 log.warning("trainer.resume=auto: no checkpoint in %s; starting from scratch", self.run_dir)
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
+                # what an earlier attempt logged before it died is replaced, not appended to
+                cut = truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+                if cut:
+                    log.warning(
+                        "metrics.jsonl: dropped %d line(s) of an earlier attempt without checkpoint", cut
+                    )
+            return path
+        path = Path(str(resume)).expanduser()
+        if (path / "checkpoints").is_dir():  # a run dir: its newest checkpoint
+            found = latest_checkpoint(path)
+            if found is None:
+                raise CheckpointError(
+                    f"trainer.resume={resume}: no complete checkpoint under {path}/checkpoints"
+                )
+            return found
+        return path
+
+    def _maybe_resume(self) -> dict[str, Any] | None:
+        """Restore the state of the checkpoint ``trainer.resume`` names; return its state.json (or None)."""
+        path = self._resume_path()
+        if path is None:
+            return None
+        # the data order is a function of (seed, epoch, train set): resuming with others would not continue it
+        saved = read_state(path)
+        for key, now, what in (
+            ("seed", self.cfg.seed, "seed"),
+            ("n_train", len(self.train_tasks), "train tasks"),
+        ):
+            if key in saved and saved[key] != now:
+                raise ConfigError(
+                    f"checkpoint {path} was written by a run with {what}={saved[key]}, this run has {now}: "
+                    f"its data order and sampling would not continue. Resume with the run's own config "
+                    f"({path.parent.parent}/.hydra/config.yaml), or start a new run from its weights "
+                    f"(model=hf model.path={path}/model, without trainer.resume)"
+                )
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
         self.step = int(state["step"])
         self.code_seen = int(state.get("code_seen", self.step * self.cfg.trainer.prompts_per_step))
         if self.critic is not None:
             if not (path / "critic.pt").exists():
-                raise FileNotFoundError(f"{path} has no critic.pt: it was not saved by an actor-critic run")
+                raise CheckpointError(f"{path} has no critic.pt: it was not saved by an actor-critic run")
             critic_state = torch.load(path / "critic.pt", weights_only=False, map_location=self.device)
             self.critic.load_state_dict(critic_state["model"])
             self.critic_optimizer.load_state_dict(critic_state["optimizer"])
         if self.alignment is not None and (path / "alignment.json").exists():
             self.alignment.load_state_dict(json.loads((path / "alignment.json").read_text()))
+        self.before = dict(state.get("before") or {})
+        self.best = dict(state.get("best") or {})
+        self._saved_step = self.step
+        self.resumed_from = path
+        if path.resolve().parent.parent == self.run_dir.resolve():
+            if "metrics_lines" in state:  # rows logged after the checkpoint are logged again by this run
+                cut = truncate_metrics(self.run_dir / "metrics.jsonl", int(state["metrics_lines"]))
+                if cut:
+                    log.warning("metrics.jsonl: dropped %d line(s) logged after %s", cut, path.name)
+            else:
+                log.warning("%s predates metrics truncation: metrics.jsonl may repeat steps", path)
         log.warning("resumed from %s at step %d", path, self.step)
+        return state
 
     # ------------------------------------------------------------------ the loop
     def next_tasks(self) -> list[Task]:
@@ -265,7 +397,7 @@ class Trainer:
         t1 = time.perf_counter()
         scores = self.reward(rollouts)
         t_reward = time.perf_counter() - t1
-        align_metrics = self.alignment.after_step(rollouts, scores, step) if self.alignment else {}
+        align_metrics = self._harvest(rollouts, scores, step) if self.alignment else {}
         t2 = time.perf_counter()
         batch = make_batch(rollouts, scores, self.tokenizer.pad_token_id)
         if self.reference is not None:
@@ -289,9 +421,33 @@ class Trainer:
             "timing/logprob_s": t3 - t2,
             "timing/update_s": t4 - t3,
             "timing/step_s": t4 - t0,
-            **{f"sandbox/{k}": float(v) for k, v in self.sandbox.stats.items()},
+            **self._sandbox_stats(),
         }
         return metrics
+
+    def _harvest(self, rollouts: list[Rollout], scores: list[RewardOutput], step: int) -> dict[str, float]:
+        """CodeRL+'s harvest of this step's rollouts into the alignment buffer; a failure skips it."""
+        try:
+            return self.alignment.after_step(rollouts, scores, step) | {"errors/align_harvest": 0.0}
+        except Exception as e:
+            self._log_once(f"harvest:{type(e).__name__}", f"step {step}: alignment harvest failed, skipped")
+            return {"errors/align_harvest": 1.0}
+
+    def _log_once(self, key: str, message: str) -> None:
+        """Log an error with its traceback the first time ``key`` occurs, at debug level after that."""
+        if key in self._logged_errors:
+            log.debug(message, exc_info=True)
+        else:
+            self._logged_errors.add(key)
+            log.exception(
+                "%s (the step goes on; further errors of this kind are logged at debug level)", message
+            )
+
+    def _sandbox_stats(self) -> dict[str, float]:
+        """``sandbox/*`` counters since the first step (carried over a resume)."""
+        return {
+            f"sandbox/{k}": float(v + self._sandbox_offset.get(k, 0)) for k, v in self.sandbox.stats.items()
+        }
 
     def _logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
         """Teacher-forced log-probs ``[B, T]`` of the response tokens under ``model``."""
@@ -392,49 +548,92 @@ class Trainer:
             metrics |= {f"eval/{k}": v for k, v in m.items()}
         return metrics
 
-    def save(self) -> Path:
-        return save_checkpoint(
+    def save(self, eval_metrics: dict[str, float] | None = None) -> Path:
+        """Checkpoint the run at ``self.step``; ``eval_metrics``: this step's evaluation (ranks it for
+        ``trainer.keep_best``). Raises CheckpointError (the earlier checkpoints intact) if it cannot."""
+        tc = self.cfg.trainer
+        state = {
+            "seed": self.cfg.seed,
+            "code_seen": self.code_seen,
+            "n_train": len(self.train_tasks),
+            "metrics_lines": self.logger.lines,
+            "before": self.before,
+            "best": self.best,
+            "eval": {k: v for k, v in (eval_metrics or {}).items() if k.startswith("eval/")},
+            "sandbox_stats": {k[len("sandbox/") :]: v for k, v in self._sandbox_stats().items()},
+            "wandb_id": self.logger.run_id,
+        }
+        path = save_checkpoint(
             self.run_dir,
             self.step,
             self.policy,
             self.tokenizer,
             self.optimizer,
             self.scheduler,
-            {"seed": self.cfg.seed, "code_seen": self.code_seen},
-            keep_last=self.cfg.trainer.keep_last,
+            state,
+            keep_last=tc.keep_last,
             extra_json={"alignment": self.alignment.state_dict()} if self.alignment else None,
             extra_torch={
                 "critic": {"model": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
             }
             if self.critic is not None
             else None,
+            best_metric=BEST_METRIC if tc.keep_best else None,
         )
+        self._saved_step = self.step
+        return path
+
+    def _new_best(self, eval_metrics: dict[str, float]) -> bool:
+        """Whether this evaluation sets a new best ``BEST_METRIC`` (then ``self.best`` records it)."""
+        value = eval_metrics.get(BEST_METRIC)
+        if not self.cfg.trainer.keep_best or value is None or value <= self.best.get("value", -math.inf):
+            return False
+        self.best = {"step": self.step, "value": value}
+        return True
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.max_steps``; return the summary. On SIGINT/SIGTERM: finish the step, save,
+        and return early with ``summary["interrupted"]`` (the signal's name) and ``"signum"``."""
         from coderlplus.progress import TrainProgress
 
         tc = self.cfg.trainer
         t_start = time.time()
         start_step = self.step
-        before = self.evaluate(self.step)
-        self._record(before, self.step)
-        with TrainProgress(tc.max_steps, start_step, enabled=tc.progress) as progress:
-            for step in range(start_step + 1, tc.max_steps + 1):
-                metrics = self.train_step(step)
-                self.step = step
-                if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
-                    metrics |= self.evaluate(step)
-                self._record(metrics, step)
-                progress.update(step, metrics)
-                if tc.save_every and step % tc.save_every == 0 and step != tc.max_steps:
-                    self.save()
-        after = self.evaluate(self.step) if self.step > start_step else before
-        if self.step > start_step:
-            self._record(after, self.step)
-        ckpt = self.save()
+        with StopOnSignals() as stop:
+            if not self.resumed:
+                self.before = self.evaluate(self.step)
+                self._record(self.before, self.step)
+            with TrainProgress(tc.max_steps, start_step, enabled=tc.progress) as progress:
+                for step in range(start_step + 1, tc.max_steps + 1):
+                    if stop.signum is not None:
+                        break
+                    metrics = self.train_step(step)
+                    self.step = step
+                    evaluated = {}
+                    if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
+                        evaluated = self.evaluate(step)
+                        metrics |= evaluated
+                    self._record(metrics, step)
+                    progress.update(step, metrics)
+                    best = self._new_best(evaluated)  # a new best is saved, so keep_best can keep it
+                    due = tc.save_every and step % tc.save_every == 0 and step != tc.max_steps
+                    if due or best:
+                        self.save(evaluated)
+            if stop.signum is not None:
+                return self._stopped(stop, start_step)
+            after = self.before
+            if self.step > start_step:
+                after = self.evaluate(self.step)
+                self._record(after, self.step)
+                self._new_best(after)
+            if self.step > start_step or self.resumed_from is None:
+                ckpt = self.save(after if self.step > start_step else None)
+            else:  # resumed at max_steps: nothing new to save
+                ckpt = self.resumed_from
+        before = self.before
         summary = {
-            "pass@1_before": before["eval/pass@1"],
-            "pass@1_after": after["eval/pass@1"],
+            "pass@1_before": before.get("eval/pass@1", math.nan),
+            "pass@1_after": after.get("eval/pass@1", math.nan),
             "steps": self.step - start_step,
             "minutes": (time.time() - t_start) / 60,
             "checkpoint": str(ckpt),
@@ -442,9 +641,33 @@ class Trainer:
             **{f"{k}_before": v for k, v in before.items()},
             **{f"{k}_after": v for k, v in after.items()},
         }
+        if self.best:
+            summary |= {"best_checkpoint": str(ckpt.parent / f"step_{int(self.best['step']):06d}")}
+            summary |= {f"best_{BEST_METRIC}": self.best["value"]}
         self.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _stopped(self, stop: StopOnSignals, start_step: int) -> dict[str, Any]:
+        """After a SIGINT/SIGTERM: checkpoint the last finished step (unless it was just saved)."""
+        ckpt = (
+            self.save()
+            if self._saved_step != self.step
+            else (latest_checkpoint(self.run_dir) or self.resumed_from)
+        )
+        log.warning(
+            "stopped by %s after step %d; checkpoint %s. Resume with trainer.resume=auto and the same "
+            "run dir (hydra.run.dir=%s), or trainer.resume=%s",
+            stop.name, self.step, ckpt, self.run_dir, ckpt,
+        )  # fmt: skip
+        return {
+            "interrupted": stop.name,
+            "signum": stop.signum,
+            "steps": self.step - start_step,
+            "step": self.step,
+            "checkpoint": str(ckpt),
+            "run_dir": str(self.run_dir),
+        }
 
     def _record(self, metrics: dict[str, float], step: int) -> None:
         self.logger.log(metrics, step)

@@ -32,13 +32,22 @@ class HFModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; choose one of {sorted(DTYPES)}")
-        looks_local = self.path.startswith(("/", "./", "../", "~"))
+        # a hub id is "name" or "org/name"; a path with any other slash (/x, ./x, a/b/c) is a local folder
+        looks_local = "/" in self.path and not _is_hub_id(self.path)
         if looks_local and not Path(self.path).expanduser().exists():
             raise ConfigError(
-                f"model.path={self.path!r} does not exist; point it at a folder with config.json"
+                f"model.path={self.path!r} does not exist (relative to {Path.cwd()}); point it at a folder "
+                f"holding config.json and the weights, or give a hub id such as Qwen/Qwen2.5-Coder-0.5B-Instruct"
             )
         if self.max_prompt_tokens < 1:
             raise ConfigError("model.max_prompt_tokens must be >= 1")
+
+
+def _is_hub_id(path: str) -> bool:
+    """``org/name`` with the characters the Hugging Face hub allows (and not an existing folder)."""
+    parts = path.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return len(parts) == 2 and all(p and set(p) <= allowed and not p.startswith(".") for p in parts)
 
 
 def quiet_hf_progress_bars() -> None:

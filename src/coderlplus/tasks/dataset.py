@@ -22,6 +22,7 @@ generator included) goes through :func:`read_rows` → :func:`validate_row` → 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -317,6 +318,77 @@ def rows_to_tasks(
     return tasks
 
 
+def check_references(
+    tasks: list[Task],
+    sandbox: Any,
+    source: TaskSource | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> int:
+    """Run the reference solution of every task that has one on the task's tests; return how many ran.
+
+    A reference that fails its own tests means a wrong test or a wrong solution (the reward of a
+    correct program would be 0): raise :class:`DatasetError` naming each such row (``file:line``
+    when ``source`` reads files, via the task's ``meta["index"]``), the first failing test and its
+    status. Failures are run once more before they are reported, so a reference that only timed out
+    on a busy machine is not. With ``cache_dir``, a set of tasks whose references all passed is
+    remembered by a hash of the references and tests, and not run again.
+    """
+    todo = [t for t in tasks if t.payload.get("reference") and t.payload.get("tests")]
+    if not todo:
+        return 0
+    items = [(t.payload["reference"], t.payload["tests"]) for t in todo]
+    key = hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    marker = Path(cache_dir).expanduser() / f"{key}.ok" if cache_dir is not None else None
+    if marker is not None and marker.exists():
+        return 0
+    checks = sandbox.check_many(items, stop_at_first_failure=True)
+    failed = [i for i, c in enumerate(checks) if not c.passed]
+    if failed:  # once more: a timeout under load is not a wrong row
+        again = sandbox.check_many([items[i] for i in failed], stop_at_first_failure=True)
+        for i, c in zip(failed, again):
+            checks[i] = c
+        failed = [i for i in failed if not checks[i].passed]
+    if failed:
+        lines = [_reference_failure(todo[i], checks[i], source) for i in failed[:10]]
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        raise DatasetError(
+            f"{len(failed)} of {len(todo)} reference solutions fail their own tests:\n  "
+            + "\n  ".join(lines)
+            + more
+            + "\nFix the tests or the solution of these rows (or remove them); "
+            "trainer.check_references=false trains on them anyway."
+        )
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{len(todo)} references passed\n")
+    return len(todo)
+
+
+def _reference_failure(task: Task, check: Any, source: TaskSource | None) -> str:
+    j = check.first_failure
+    status = check.status
+    detail = ""
+    result = check.results[j] if j is not None else None
+    if result is not None and status not in ("pass", "wrong"):
+        tail = (result.stderr or "").strip().splitlines()[-1:]
+        detail = f" ({tail[0][:160]})" if tail else ""
+    elif result is not None and status == "wrong" and "output" in task.payload["tests"][j]:
+        expected = task.payload["tests"][j]["output"]
+        detail = f" (printed {result.stdout[:60]!r}, expected {expected[:60]!r})"
+    return f"{locate_task(task, source)}: id {task.id!r}: test {j} is {status}{detail}"
+
+
+def locate_task(task: Task, source: TaskSource | None) -> str:
+    """Where a task's row is (``file:line``, or ``source:split[row i]``); its id when unknown."""
+    split, index = task.meta.get("split"), task.meta.get("index")
+    if source is not None and isinstance(index, int) and split in SPLITS:
+        try:
+            return source.located_rows(split)[index][0]
+        except Exception:  # a source without located rows (e.g. humaneval): fall back to the id
+            pass
+    return f"{task.source}:{split}"
+
+
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
@@ -447,8 +519,10 @@ __all__ = [
     "JsonlConfig",
     "JsonlSource",
     "TaskSource",
+    "check_references",
     "check_split",
     "load_rows",
+    "locate_task",
     "read_rows",
     "row_to_task",
     "rows_to_tasks",
