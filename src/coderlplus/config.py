@@ -6,7 +6,7 @@ dataclass (the single source of truth for names, defaults and help text):
 - ``algorithm``, ``model``, ``sampler``, ``data``: one option per registered
   plugin (``algorithm=grpo`` is ``algorithms/grpo.py``'s ``Config``), with a
   ``name`` key naming the plugin;
-- ``trainer``, ``optim``, ``execution``, ``logger``, ``alignment``, ``kernels``: the dataclasses
+- ``trainer``, ``optim``, ``execution``, ``logger``, ``alignment``, ``kernels``, ``distributed``: the dataclasses
   below (and ``coderlplus.kernels.KernelsConfig``).
 
 ``reward`` options are presets in ``conf/reward/*.yaml`` (which reward plugins
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coderlplus.distributed import DistributedConfig
 from coderlplus.kernels import KernelsConfig
 from coderlplus.registry import (
     ALGORITHMS,
@@ -204,6 +205,8 @@ STATIC_GROUPS: dict[str, dict[str, Any]] = {
         "chunked": KernelsConfig(backend="chunked"),
         "triton": KernelsConfig(backend="triton"),
     },
+    # distributed=none|ddp|fsdp2: data parallel over the ranks torchrun starts (coderlplus.distributed)
+    "distributed": {name: DistributedConfig(strategy=name) for name in ("none", "ddp", "fsdp2")},
 }
 STATIC_SCHEMAS = {group: type(next(iter(opts.values()))) for group, opts in STATIC_GROUPS.items()}
 
@@ -249,6 +252,7 @@ class ResolvedConfig:
     logger: LoggerConfig
     alignment: AlignmentConfig
     kernels: KernelsConfig
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def resolve_plugin(group: str, values: dict[str, Any] | None) -> tuple[str, Any]:

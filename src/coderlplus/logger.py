@@ -127,3 +127,19 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+class NullLogger:
+    """What ranks other than 0 log to under ``distributed=ddp|fsdp2``: nothing (rank 0 logs the run)."""
+
+    lines = 0
+    run_id = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

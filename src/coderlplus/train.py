@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -97,8 +99,9 @@ def main(cfg: DictConfig) -> dict | None:
             f"{summary['checkpoint']}.\nResume with:\n  {resume_command(list(hc.overrides.task), run_dir)}",
             file=sys.stderr,
         )
-        sys.exit(128 + summary["signum"])
-    print_summary(summary)
+        sys.exit(128 + (summary["signum"] or signal.SIGTERM))  # a rank the signal did not reach
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the summary
+        print_summary(summary)
     return summary
 
 

@@ -40,10 +40,11 @@ from coderlplus.checkpoint import (
     save_checkpoint,
 )
 from coderlplus.config import ConfigError, ResolvedConfig
+from coderlplus.distributed import make_strategy
 from coderlplus.evaluation import greedy_pass_at_1
 from coderlplus.execution import Sandbox
 from coderlplus.kernels import check_backend, sequence_logprobs
-from coderlplus.logger import RunLogger, truncate_metrics
+from coderlplus.logger import NullLogger, RunLogger, truncate_metrics
 from coderlplus.ops import micro_batch_weight
 from coderlplus.preemption import StopOnSignals
 from coderlplus.registry import ALGORITHMS, MODELS, SAMPLERS, TASK_SOURCES
@@ -102,6 +103,7 @@ def reward_metrics(rollouts: list[Rollout], scores: list[RewardOutput], group_si
     statuses = [s.info.get("outcome", {}).get("status") for s in scores]
     judged = [st for st in statuses if st is not None]
     m = {
+        "batch/rollouts": float(len(rollouts)),  # the whole step's, gathered from every rank
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()),
         "response/length_mean": float(np.mean([len(r.response_ids) for r in rollouts])),
@@ -149,17 +151,19 @@ def advantage_metrics(adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]
 class Trainer:
     def __init__(self, cfg: ResolvedConfig, run_dir: str | Path, full_config: dict[str, Any] | None = None):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         tc = cfg.trainer
+        # Data parallel over the ranks torchrun started (distributed=ddp|fsdp2); one rank otherwise.
+        self.dist = make_strategy(cfg.distributed)
+        self.run_dir = Path(self.dist.broadcast(str(run_dir)))  # rank 0's (Hydra's clock may differ per rank)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.dist.is_main:  # rank 0 tells the story; the others only warn
+            logging.getLogger("coderlplus").setLevel(logging.WARNING)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
             use_deterministic_algorithms()
         seed_everything(cfg.seed)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-        )
+        self.device = self.dist.device(tc.device)
 
         # Components, each from its registry (no if/elif on plugin names).
         self.policy, self.tokenizer = MODELS.get(cfg.model_name)(cfg.model).load()
@@ -171,7 +175,11 @@ class Trainer:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         # Actor-critic algorithms (PPO) train a value model beside the policy, with its own optimiser.
         self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
-        self.sampler = SAMPLERS.get(cfg.sampler_name)(cfg.sampler, self.policy, self.tokenizer, seed=cfg.seed)
+        # every rank samples its own prompts: its own sampling seed (rank 0's is the single-process one)
+        sampler_seed = cfg.seed + 1_000_003 * self.dist.rank
+        self.sampler = SAMPLERS.get(cfg.sampler_name)(
+            cfg.sampler, self.policy, self.tokenizer, seed=sampler_seed
+        )
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
         try:
             self._setup(full_config)
@@ -213,9 +221,13 @@ class Trainer:
             first = self.eval_tasks[tc.eval_splits[0]]
             self.align_eval_tasks = self.alignment.eval_tasks(first, limit=tc.eval_max_tasks)
 
+        self._check_shards()
+        # What the update runs: the policy's log-prob forward, wrapped by the data-parallel engine
+        # (for fsdp2 a sharded copy; self.policy stays the full model the sampler and checkpoints use).
+        self.train_model = self.dist.wrap(self.policy, self.device)
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            self.train_model.parameters(),
             lr=oc.lr,
             betas=tuple(oc.betas),
             eps=oc.eps,
@@ -231,6 +243,7 @@ class Trainer:
             self.critic_optimizer = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
             )
+        self.critic_train = self.dist.wrap_critic(self.critic, self.device)
         self.step = 0
         self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
         self._order_epoch, self._order = -1, []
@@ -245,11 +258,25 @@ class Trainer:
         # continuing a resumed run's counts
         saved = (state or {}).get("sandbox_stats") or {}
         self._sandbox_offset = {k: saved.get(k, 0) - v for k, v in self.sandbox.stats.items()}
-        self.logger = RunLogger(
-            cfg.logger, self.run_dir, full_config or {}, resume_id=(state or {}).get("wandb_id")
-        )
+        if self.dist.is_main:  # one rank logs
+            self.logger = RunLogger(
+                cfg.logger, self.run_dir, full_config or {}, resume_id=(state or {}).get("wandb_id")
+            )
+        else:
+            self.logger = NullLogger()
 
     # ------------------------------------------------------------------ setup helpers
+    def _check_shards(self) -> None:
+        """With N ranks: whole prompts per rank, and every mini-batch splits evenly over the ranks
+        (equal shards keep the ranks in step, and the global batch is the same for any N)."""
+        world, tc, ac = self.dist.world, self.cfg.trainer, self.cfg.algorithm
+        mini = tc.rollouts_per_step // ac.mini_batches
+        if world > 1 and (tc.prompts_per_step % world or mini % world):
+            raise ConfigError(
+                f"{world} ranks: trainer.prompts_per_step={tc.prompts_per_step} and the mini-batch of {mini} "
+                f"rollouts (rollouts per step / algorithm.mini_batches) must both be divisible by {world}"
+            )
+
     def _prompt_limit(self) -> int | None:
         """The longest prompt (tokens) the run takes: ``model.max_prompt_tokens``, and at most what the
         model's context (``max_position_embeddings``) leaves after ``sampler.max_new_tokens``."""
@@ -305,7 +332,7 @@ class Trainer:
             if path is None:
                 log.warning("trainer.resume=auto: no checkpoint in %s; starting from scratch", self.run_dir)
                 # what an earlier attempt logged before it died is replaced, not appended to
-                cut = truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+                cut = truncate_metrics(self.run_dir / "metrics.jsonl", 0) if self.dist.is_main else 0
                 if cut:
                     log.warning(
                         "metrics.jsonl: dropped %d line(s) of an earlier attempt without checkpoint", cut
@@ -323,7 +350,8 @@ class Trainer:
 
     def _maybe_resume(self) -> dict[str, Any] | None:
         """Restore the state of the checkpoint ``trainer.resume`` names; return its state.json (or None)."""
-        path = self._resume_path()
+        # rank 0 picks the checkpoint (and cleans up after a killed save); every rank loads it
+        path = self.dist.broadcast(self._resume_path() if self.dist.is_main else None)
         if path is None:
             return None
         # the data order is a function of (seed, epoch, train set): resuming with others would not continue it
@@ -339,7 +367,9 @@ class Trainer:
                     f"({path.parent.parent}/.hydra/config.yaml), or start a new run from its weights "
                     f"(model=hf model.path={path}/model, without trainer.resume)"
                 )
-        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+        optimizer = self.dist.optimizer_state(self.train_model, self.optimizer)
+        state = load_checkpoint(path, self.policy, optimizer, self.scheduler)
+        self.dist.load_policy(self.train_model, self.policy)
         self.step = int(state["step"])
         self.code_seen = int(state.get("code_seen", self.step * self.cfg.trainer.prompts_per_step))
         if self.critic is not None:
@@ -354,7 +384,7 @@ class Trainer:
         self.best = dict(state.get("best") or {})
         self._saved_step = self.step
         self.resumed_from = path
-        if path.resolve().parent.parent == self.run_dir.resolve():
+        if path.resolve().parent.parent == self.run_dir.resolve() and self.dist.is_main:
             if "metrics_lines" in state:  # rows logged after the checkpoint are logged again by this run
                 cut = truncate_metrics(self.run_dir / "metrics.jsonl", int(state["metrics_lines"]))
                 if cut:
@@ -393,10 +423,13 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         tc, ac = self.cfg.trainer, self.cfg.algorithm
         t0 = time.perf_counter()
-        rollouts = self.sampler.generate(self.next_tasks(), tc.group_size)
+        tasks = self.next_tasks()[self.dist.rank :: self.dist.world]  # this rank's prompts
+        rollouts = self.sampler.generate(tasks, tc.group_size)
         t1 = time.perf_counter()
         scores = self.reward(rollouts)
         t_reward = time.perf_counter() - t1
+        if self.dist.world > 1:  # every rank gets the whole batch
+            rollouts, scores = _merge_ranks(self.dist.gather((rollouts, scores)))
         align_metrics = self._harvest(rollouts, scores, step) if self.alignment else {}
         t2 = time.perf_counter()
         batch = make_batch(rollouts, scores, self.tokenizer.pad_token_id)
@@ -409,7 +442,8 @@ class Trainer:
         adv = self.algo.compute_advantages(batch, ac)  # (B, T)
         adv_metrics = advantage_metrics(adv, batch.response_mask)
         t3 = time.perf_counter()
-        metrics = self._update(batch, adv)
+        metrics = self._update(batch, adv, step)
+        self.dist.sync_policy(self.train_model, self.policy)
         self.sampler.update_weights()
         t4 = time.perf_counter()
         metrics |= reward_metrics(rollouts, scores, tc.group_size) | adv_metrics
@@ -468,69 +502,88 @@ class Trainer:
             out.append(fn(ids, am, T).cpu())
         return torch.cat(out)
 
-    def _update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
-        """Epochs x mini-batches of optimiser steps; micro-batches accumulate gradients."""
+    def _update(self, batch: RolloutBatch, adv: torch.Tensor, step: int = 0) -> dict[str, float]:
+        """Epochs x mini-batches of optimiser steps; micro-batches accumulate gradients.
+
+        With N ranks each takes every N-th row of a mini-batch; losses are weighted against the
+        whole mini-batch and scaled by N (the engine averages gradients over the ranks).
+        """
         tc, ac = self.cfg.trainer, self.cfg.algorithm
         B, T = batch.response_mask.shape
-        want_entropy = ac.entropy_coef > 0 or tc.log_entropy
+        world = self.dist.world
         sums: dict[str, float] = defaultdict(float)
+        norms: dict[str, float] = defaultdict(float)
         n_updates = 0
-        self.policy.train()
+        self.train_model.train()
         if self.critic is not None:
             self.critic.train()
+        # the same mini-batch order on every rank: a function of (seed, step)
+        shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         for _epoch in range(ac.epochs):
-            order = torch.randperm(B) if ac.mini_batches > 1 else torch.arange(B)
+            order = torch.randperm(B, generator=shuffle) if ac.mini_batches > 1 else torch.arange(B)
             for mini in order.chunk(ac.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.critic is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                for micro in mini.split(tc.micro_batch_size):
+                micros = mini[self.dist.rank :: world].split(tc.micro_batch_size)
+                for k, micro in enumerate(micros):
+                    last = k == len(micros) - 1
                     sub = batch.select(micro)
-                    logp, entropy = sequence_logprobs(
-                        self.policy,
-                        sub.input_ids.to(self.device),
-                        sub.attention_mask.to(self.device),
-                        T,
-                        self.cfg.sampler.temperature,
-                        with_entropy=want_entropy,
-                        entropy_grad=ac.entropy_coef > 0,
-                        kernels=self.cfg.kernels,
-                    )
-                    sub = _to_device(sub, self.device)
-                    loss, m = self.algo.policy_loss(
-                        logp, sub, adv[micro].to(self.device), ac, entropy=entropy
-                    )
-                    if self.critic is not None:  # one backward for both: a shared backbone gets both
-                        values = self.critic(sub.input_ids, sub.attention_mask, T)  # (b, T)
-                        critic_loss, cm = self.algo.critic_loss(values, sub, ac)
-                        loss, m = loss + critic_loss, m | cm
-                    w = micro_batch_weight(sub.response_mask, batch.response_mask[mini], ac.loss_agg)
-                    (loss * w).backward()
-                    for k, v in m.items():
-                        sums[k] += w * v
+                    with (
+                        self.dist.no_sync(self.train_model, last),
+                        self.dist.no_sync(self.critic_train, last),
+                    ):
+                        loss, m, entropy, w = self._micro_loss(sub, batch.response_mask[mini], adv[micro], T)
+                        (loss * (w * world)).backward()
+                    for key, v in m.items():
+                        sums[key] += w * v
                     if entropy is not None:
                         sums["actor/entropy"] += w * float(
                             (entropy.detach() * sub.response_mask).sum()
                             / sub.response_mask.sum().clamp(min=1)
                         )
                 grad_clip = self.cfg.optim.grad_clip or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), grad_clip)
-                sums["actor/grad_norm"] += float(grad_norm)
+                norms["actor/grad_norm"] += self.dist.clip_grad_norm(self.train_model.parameters(), grad_clip)
                 self.optimizer.step()
                 if self.critic is not None:
-                    critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
-                    sums["critic/grad_norm"] += float(critic_norm)
+                    critic_norm = self.dist.clip_grad_norm(self.critic.parameters(), grad_clip)
+                    norms["critic/grad_norm"] += critic_norm
                     self.critic_optimizer.step()
                 self.scheduler.step()
                 n_updates += 1
-        self.policy.eval()
+        self.train_model.eval()
         if self.critic is not None:
             self.critic.eval()
-        metrics = {k: v / n_updates for k, v in sums.items()}
+        sums = self.dist.sum_metrics(dict(sums))  # each rank holds its rows' share of the weighted means
+        metrics = {k: v / n_updates for k, v in (sums | norms).items()}
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
+    def _micro_loss(self, sub: RolloutBatch, mini_mask: torch.Tensor, adv: torch.Tensor, T: int):
+        """One micro-batch's loss (actor, plus critic if any), metrics, entropy and its weight in the mini-batch."""
+        tc, ac = self.cfg.trainer, self.cfg.algorithm
+        logp, entropy = self.train_model(
+            sub.input_ids.to(self.device),
+            sub.attention_mask.to(self.device),
+            T,
+            self.cfg.sampler.temperature,
+            with_entropy=ac.entropy_coef > 0 or tc.log_entropy,
+            entropy_grad=ac.entropy_coef > 0,
+            kernels=self.cfg.kernels,
+        )
+        sub = _to_device(sub, self.device)
+        loss, m = self.algo.policy_loss(logp, sub, adv.to(self.device), ac, entropy=entropy)
+        if self.critic is not None:  # one backward for both: a shared backbone gets both
+            values = self.critic_train(sub.input_ids, sub.attention_mask, T)  # (b, T)
+            critic_loss, cm = self.algo.critic_loss(values, sub, ac)
+            loss, m = loss + critic_loss, m | cm
+        return loss, m, entropy, micro_batch_weight(sub.response_mask, mini_mask, ac.loss_agg)
+
     def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy pass@1 per eval split (and held-out alignment accuracy); rank 0 evaluates, all get it."""
+        return self.dist.broadcast(self._evaluate(step) if self.dist.is_main else None)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
         metrics = {}
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)
@@ -563,12 +616,18 @@ class Trainer:
             "sandbox_stats": {k[len("sandbox/") :]: v for k, v in self._sandbox_stats().items()},
             "wandb_id": self.logger.run_id,
         }
+        optimizer = self.dist.optimizer_state(self.train_model, self.optimizer)
+        if not self.dist.is_main:  # rank 0 writes; the others join the collectives an fsdp2 state needs
+            optimizer.state_dict()
+            self.dist.barrier()
+            self._saved_step = self.step
+            return self.dist.broadcast(None)
         path = save_checkpoint(
             self.run_dir,
             self.step,
             self.policy,
             self.tokenizer,
-            self.optimizer,
+            optimizer,
             self.scheduler,
             state,
             keep_last=tc.keep_last,
@@ -581,7 +640,8 @@ class Trainer:
             best_metric=BEST_METRIC if tc.keep_best else None,
         )
         self._saved_step = self.step
-        return path
+        self.dist.barrier()
+        return self.dist.broadcast(path)
 
     def _new_best(self, eval_metrics: dict[str, float]) -> bool:
         """Whether this evaluation sets a new best ``BEST_METRIC`` (then ``self.best`` records it)."""
@@ -600,12 +660,16 @@ class Trainer:
         t_start = time.time()
         start_step = self.step
         with StopOnSignals() as stop:
+            stopped = False  # a signal reached some rank: every rank stops after the same step
             if not self.resumed:
                 self.before = self.evaluate(self.step)
                 self._record(self.before, self.step)
-            with TrainProgress(tc.max_steps, start_step, enabled=tc.progress) as progress:
+            with TrainProgress(
+                tc.max_steps, start_step, enabled=tc.progress and self.dist.is_main
+            ) as progress:
                 for step in range(start_step + 1, tc.max_steps + 1):
-                    if stop.signum is not None:
+                    stopped = self.dist.any(stop.signum is not None)
+                    if stopped:
                         break
                     metrics = self.train_step(step)
                     self.step = step
@@ -619,7 +683,7 @@ class Trainer:
                     due = tc.save_every and step % tc.save_every == 0 and step != tc.max_steps
                     if due or best:
                         self.save(evaluated)
-            if stop.signum is not None:
+            if stopped or self.dist.any(stop.signum is not None):
                 return self._stopped(stop, start_step)
             after = self.before
             if self.step > start_step:
@@ -645,7 +709,8 @@ class Trainer:
             summary |= {"best_checkpoint": str(ckpt.parent / f"step_{int(self.best['step']):06d}")}
             summary |= {f"best_{BEST_METRIC}": self.best["value"]}
         self.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _stopped(self, stop: StopOnSignals, start_step: int) -> dict[str, Any]:
@@ -676,6 +741,21 @@ class Trainer:
         self.logger.close()
         self.sandbox.close()
         self.sampler.close()
+        self.dist.close()
+
+
+def _merge_ranks(
+    parts: list[tuple[list[Rollout], list[RewardOutput]]],
+) -> tuple[list[Rollout], list[RewardOutput]]:
+    """Concatenate the ranks' (rollouts, scores) in rank order, with group ids unique across ranks."""
+    rollouts, scores, offset = [], [], 0
+    for rank_rollouts, rank_scores in parts:
+        ids = sorted({r.group_id for r in rank_rollouts})
+        new_id = {g: offset + i for i, g in enumerate(ids)}
+        rollouts += [dataclasses.replace(r, group_id=new_id[r.group_id]) for r in rank_rollouts]
+        scores += rank_scores
+        offset += len(ids)
+    return rollouts, scores
 
 
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

@@ -22,6 +22,7 @@ which break ``transformers``). vLLM's CPU attention needs a head size in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -96,6 +97,33 @@ def _import_vllm():
     return vllm
 
 
+@contextlib.contextmanager
+def _rank_gpu(cfg: VLLMSamplerConfig, ranks: int, local_rank: int):
+    """Under torchrun on GPUs (distributed=ddp|fsdp2): each rank's engine on the rank's own GPU.
+
+    The engine runs in a process vLLM spawns, which sees the GPUs CUDA_VISIBLE_DEVICES lists
+    when it starts; data-parallel sampling, one engine per rank. (Not exercised on GPUs by CI.)
+    """
+    if ranks == 1 or not torch.cuda.is_available():
+        yield
+        return
+    if cfg.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"sampler.tensor_parallel_size={cfg.tensor_parallel_size} with {ranks} torchrun ranks: each rank "
+            f"runs its own engine on its own GPU; use tensor parallel engines in a one-process run"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)]
+    try:
+        yield
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
 @register_sampler("vllm")
 class VLLMSampler(Sampler):
     Config = VLLMSamplerConfig
@@ -112,12 +140,23 @@ class VLLMSampler(Sampler):
             tokenizer.save_pretrained(self._tmp.name)
             path = self._tmp.name
         self.on_cpu = not torch.cuda.is_available()
-        if self.on_cpu:  # vLLM's CPU engine binds one core unless told otherwise
-            n = cfg.cpu_threads or os.cpu_count() or 1
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+        ranks, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+        if self.on_cpu:  # vLLM's CPU engine binds one core unless told otherwise; ranks split the cores
+            n = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // ranks)
+            first = (local_rank * n) % (os.cpu_count() or 1) if ranks > 1 else 0
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{first + n - 1}")
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         t0 = time.perf_counter()
-        self.llm = vllm.LLM(
+        with _rank_gpu(cfg, ranks, local_rank):
+            self.llm = self._start_engine(vllm, cfg, path)
+        log.info("vLLM engine started in %.1f s from %s", time.perf_counter() - t0, path)
+        self._asleep = False
+        self._versions = self._current_versions()  # what the engine holds now
+        self.stats = {"push_s": 0.0, "pushed_mb": 0.0, "pushed_tensors": 0}
+
+    def _start_engine(self, vllm, cfg: VLLMSamplerConfig, path: str):
+        model = self.model
+        return vllm.LLM(
             model=path,
             dtype=str(next(model.parameters()).dtype).removeprefix("torch.")
             if cfg.dtype == "auto"
@@ -135,10 +174,6 @@ class VLLMSampler(Sampler):
             # CPU generators lack ("CPU Generator does not use offset"): whole prefills on CPU.
             enable_chunked_prefill=not self.on_cpu,
         )
-        log.info("vLLM engine started in %.1f s from %s", time.perf_counter() - t0, path)
-        self._asleep = False
-        self._versions = self._current_versions()  # what the engine holds now
-        self.stats = {"push_s": 0.0, "pushed_mb": 0.0, "pushed_tensors": 0}
 
     # ------------------------------------------------------------------ weights
     def _named_tensors(self):
