@@ -180,6 +180,8 @@ class Trainer:
         self.sampler = SAMPLERS.get(cfg.sampler_name)(
             cfg.sampler, self.policy, self.tokenizer, seed=sampler_seed
         )
+        if self.dist.rank:  # the hf sampler draws from torch's global RNG: each rank its own stream
+            torch.manual_seed(sampler_seed)
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
         try:
             self._setup(full_config)
