@@ -82,16 +82,22 @@ def test_batched_results_equal_one_process_per_test(pools):
         assert results[name].statuses == ["pass"] * 3, name
 
 
+# How many tests this process ran before this one: interpreter state that only lives as long as
+# the process (pids are no identity: the sandbox's PID namespace reuses them at once).
+RUNS_BEFORE = (
+    "import builtins\nn = getattr(builtins, 'runs', 0)\nbuiltins.runs = n + 1\nprint(n, flush=True)\n"
+)
+
+
 def test_one_child_runs_all_tests_unless_a_test_ends_it(pools):
     batched, fresh = pools
-    pid = "import os\nx = int(input())\nprint(os.getpid(), flush=True)\n"
-    same = batched.check(pid, TESTS)
-    assert len({r.stdout for r in same.results}) == 1  # one process for the three tests
-    assert len({r.stdout for r in fresh.check(pid, TESTS).results}) == 3
-    ended = batched.check(pid + "if x == 2: os._exit(0)", TESTS)
-    assert ended.results[0].stdout == ended.results[1].stdout != ended.results[2].stdout
-    threads = batched.check(pid + "import threading", TESTS)
-    assert len({r.stdout for r in threads.results}) == 3  # a run that loaded threading ends its child
+    counted = "x = int(input())\n" + RUNS_BEFORE
+    assert [r.stdout for r in batched.check(counted, TESTS).results] == ["0\n", "1\n", "2\n"]
+    assert [r.stdout for r in fresh.check(counted, TESTS).results] == ["0\n", "0\n", "0\n"]
+    ended = batched.check(counted + "import os\nif x == 2: os._exit(0)", TESTS)
+    assert [r.stdout for r in ended.results] == ["0\n", "1\n", "0\n"]  # test 3 in a fresh child
+    threads = batched.check(counted + "import threading", TESTS)
+    assert [r.stdout for r in threads.results] == ["0\n"] * 3  # a run that loaded threading ends its child
 
 
 def test_each_test_gets_its_own_time_limits():
@@ -120,11 +126,11 @@ def test_a_forged_report_cannot_make_a_wrong_program_pass(pools):
 
 def test_assert_tests_are_never_batched(pools):
     batched, _ = pools
-    code = "import os\ndef f(x):\n    return 2 * x\n"
-    tests = [{"code": f"assert f({k}) == {2 * k}\nprint(os.getpid())"} for k in (1, 2, 3)]
+    code = "def f(x):\n    return 2 * x\n"
+    tests = [{"code": f"assert f({k}) == {2 * k}\n{RUNS_BEFORE}"} for k in (1, 2, 3)]
     check = batched.check(code, tests)
     assert check.statuses == ["pass"] * 3
-    assert len({r.stdout for r in check.results}) == 3
+    assert [r.stdout for r in check.results] == ["0\n"] * 3
 
 
 def test_random_state_is_the_fresh_one_in_every_test(pools):
