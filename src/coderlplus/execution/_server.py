@@ -14,6 +14,11 @@ Protocol, on the server's stdin (requests) and stdout (responses): frames of a
 * response: ``{"status": str, "stdout": str, "stderr": str, "duration_s": float,
   "returncode": int | None, "anomaly": str | None, "trace": null | dict}``
 
+A batch (one program, several stdin tests; see ``run_batch``):
+
+* request: ``{"code": str, "stdins": [str, ...]}``
+* response: ``{"runs": [one response as above per stdin], "anomaly": str | None}``
+
 ``anomaly`` says that something was left in a bad state (processes that would
 not die, a work folder that could not be removed, a child that could not be set
 up): the parent then replaces this server with a fresh one.
