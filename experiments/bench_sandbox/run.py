@@ -97,8 +97,8 @@ class Baseline:
 
     def check_many(self, checks: Sequence[tuple[str, list[dict]]]) -> list[list[str]]:
         """Statuses of every test of every program: one fresh interpreter per (program, test)."""
-        jobs = [(code, test) for code, tests in checks for test in tests]
-        results = iter(self.run_many([program_for_test(code, test) for code, test in jobs]))
+        items, _ = tinycode_jobs(checks)
+        results = iter(self.run_many(items))
         return [[judge(test, next(results)) for test in tests] for _, tests in checks]
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ trainer loop in N processes (ranks). Per step:
    own sandbox;
 2. the rollouts and scores are gathered, so every rank holds the whole batch (group-wise
    advantages, REINFORCE++'s batch whitening, the CodeRL+ harvest are computed on all of
-   it, identically on every rank);
+   it, identically on every rank); the no-grad passes (reference and old log-probs, critic
+   values) are split over the ranks and gathered;
 3. every mini-batch of the global batch is split across ranks (``mini[rank::world]``);
    each rank accumulates gradients over its micro-batches and the engine averages them:
    ``DistributedDataParallel`` (``ddp``, full replicas) or ``fully_shard`` (``fsdp2``,
@@ -137,6 +138,20 @@ class Strategy:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Reassemble ``n`` rows of which each rank computed ``rows[rank::world]`` (as ``part``)."""
+        if self.world == 1:
+            return part
+        on = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else part.device
+        )
+        parts = [torch.empty_like(part, device=on) for _ in range(self.world)]
+        dist.all_gather(parts, part.to(on).contiguous())
+        out = part.new_empty((n, *part.shape[1:]))
+        for rank, rows in enumerate(parts):
+            out[rank :: self.world] = rows.to(out.device)
+        return out
 
     def sum_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum each metric over ranks (every rank must pass the same keys)."""

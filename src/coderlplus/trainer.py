@@ -495,14 +495,17 @@ class Trainer:
     @torch.no_grad()
     def _per_micro_batch(self, fn, batch: RolloutBatch) -> torch.Tensor:
         """``fn(input_ids, attention_mask, T) -> [b, T]`` over micro-batches, without gradients:
-        log-probs (policy, reference) or the critic's values."""
+        log-probs (policy, reference) or the critic's values. With N ranks each computes every N-th
+        row and the rows are gathered (every rank holds the whole batch's result)."""
         T, mb = batch.response_mask.shape[1], self.cfg.trainer.micro_batch_size
+        mine = slice(self.dist.rank, None, self.dist.world)
+        ids_all, am_all = batch.input_ids[mine], batch.attention_mask[mine]
         out = []
-        for s in range(0, len(batch), mb):
-            ids = batch.input_ids[s : s + mb].to(self.device)
-            am = batch.attention_mask[s : s + mb].to(self.device)
+        for s in range(0, len(ids_all), mb):
+            ids = ids_all[s : s + mb].to(self.device)
+            am = am_all[s : s + mb].to(self.device)
             out.append(fn(ids, am, T).cpu())
-        return torch.cat(out)
+        return self.dist.gather_rows(torch.cat(out), len(batch))
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor, step: int = 0) -> dict[str, float]:
         """Epochs x mini-batches of optimiser steps; micro-batches accumulate gradients.

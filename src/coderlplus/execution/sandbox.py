@@ -358,7 +358,7 @@ class _Server:
         except (OSError, ValueError):
             return ""
 
-    def request(self, message: dict, wait_s: float) -> dict:
+    def request(self, message: dict, wait_s: float, runs: int = 1) -> dict:
         proc = self.proc
         if proc is None or proc.stdin is None:
             raise _ServerDied("not running")
@@ -368,7 +368,7 @@ class _Server:
         except OSError as e:
             raise _ServerDied(str(e) or type(e).__name__) from e
         response = self._read_frame(time.monotonic() + wait_s)
-        self.served += 1
+        self.served += runs
         return response
 
     def _read_frame(self, deadline: float) -> dict:
@@ -682,13 +682,15 @@ class Sandbox:
         def run_jobs(selected):
             requests, owners = [], []  # one request per program: its stdin tests together
             for i, group in itertools.groupby(selected, key=lambda job: job[0]):
-                group = list(group)
-                batch = [job for job in group if self.batch_tests and "code" not in items[i][1][job[1]]]
+                batch, single = [], []
+                for job in group:
+                    (batch if self.batch_tests and "code" not in items[i][1][job[1]] else single).append(job)
                 if len(batch) > 1:
                     requests.append({"code": batch[0][2], "stdins": [job[3] for job in batch]})
                     owners.append(batch)
-                    group = [job for job in group if job not in batch]
-                for job in group:
+                else:
+                    single += batch
+                for job in single:
                     requests.append({"code": job[2], "stdin": job[3], "trace": None})
                     owners.append([job])
             for batch, response in zip(owners, self._dispatch(requests)):
@@ -749,8 +751,7 @@ class Sandbox:
         try:
             if server.proc is None:  # a restart failed earlier: try again
                 self._replace(server)
-            response = server.request(request, wait_s=n_runs * (2 * self.timeout_s) + _SERVER_GRACE_S)
-            server.served += n_runs - 1
+            response = server.request(request, n_runs * (2 * self.timeout_s) + _SERVER_GRACE_S, n_runs)
             if n_runs > 1 and len(response.get("runs") or ()) != n_runs:
                 raise _ServerDied(f"expected {n_runs} results, got {str(response)[:200]}")
             if response.get("anomaly"):
