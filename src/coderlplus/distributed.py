@@ -176,6 +176,7 @@ class Strategy:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that tears its group down while another still uses it
             dist.destroy_process_group()
 
 
