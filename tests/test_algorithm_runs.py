@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import torch
-from test_e2e import SMOKE, _resolved, _rows
+from test_e2e import SMOKE, SMOKE_LEARNS, _resolved, _rows
 
 from coderlplus.trainer import Trainer
 
@@ -40,7 +40,7 @@ def test_multirun_sweep_runs_all_four_algorithms(tiny_model_dir, tmp_path):
             "-m",
             f"algorithm={','.join(CORE)}",
             "trainer.max_steps=2",
-            *SMOKE,
+            *SMOKE_LEARNS,
             "trainer.eval_max_tasks=2",
             "model=hf",
             f"model.path={tiny_model_dir}",

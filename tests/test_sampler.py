@@ -18,11 +18,13 @@ def tasks(tmp_path_factory):
     return src.load("test")[:5]  # prompts of different lengths -> left padding is exercised
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_decode", "generate"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
-def test_sampler_logprobs_match_teacher_forcing(tiny_model, tasks, temperature):
+def test_sampler_logprobs_match_teacher_forcing(tiny_model, tasks, temperature, fast):
     model, tok = tiny_model
     torch.manual_seed(0)
-    sampler = HFSampler(HFSamplerConfig(max_new_tokens=48), model, tok)
+    sampler = HFSampler(HFSamplerConfig(max_new_tokens=48, fast_decode=fast), model, tok)
+    assert (sampler.fast is not None) == fast
     n = 1 if temperature == 0 else 3
     rollouts = sampler.generate(tasks, n, SamplingParams(temperature=temperature, max_new_tokens=48))
     assert len(rollouts) == len(tasks) * n

@@ -1,8 +1,12 @@
-"""``sampler=hf``: batched ``transformers`` generation, sharing the policy's weights.
+"""``sampler=hf``: batched generation in the trainer's process, sharing the policy's weights.
 
 The sampler holds a reference to the policy module itself (colocated, no copy),
 so ``update_weights`` has nothing to move: every ``generate`` call sees the
 latest parameters. This is the CPU default; vLLM is the GPU default.
+
+Qwen2/Llama models decode through ``fast_decode.FastDecoder`` (the same maths as
+``transformers`` with the per-token overhead removed and each prompt prefilled once);
+other architectures, or ``sampler.fast_decode=false``, through ``model.generate``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from coderlplus.registry import ConfigError, register_sampler
+from coderlplus.sampler import fast_decode
 from coderlplus.sampler.base import Sampler, SamplingParams, encode_prompts
 from coderlplus.types import Rollout, Task
 
@@ -26,6 +31,10 @@ class HFSamplerConfig:
     """Maximum response tokens."""
     max_batch_rollouts: int = 256
     """Rollouts per ``model.generate`` call (split larger requests to bound memory)."""
+    fast_decode: bool = True
+    """Decode Qwen2/Llama models with the lean built-in decoder (same tokens and log-probs as
+    ``model.generate``, a fraction of its per-token overhead); false, or another architecture:
+    ``model.generate``."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -48,6 +57,9 @@ class HFSampler(Sampler):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
+        self.fast = None
+        if cfg.fast_decode and fast_decode.supports(model) is None:
+            self.fast = fast_decode.FastDecoder(model)
 
     def update_weights(self, state_dict=None) -> None:
         if state_dict is not None:  # a separate copy was handed in: load it
@@ -65,26 +77,27 @@ class HFSampler(Sampler):
             )
         return rollouts
 
-    def _generate_chunk(self, tasks, prompts, n, params, group_offset) -> list[Rollout]:
+    def _fast_decode(self, ids, mask, n, params):
         tok = self.tokenizer
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        tokens, logp = self.fast.generate(
+            ids,
+            mask,
+            n,
+            params.max_new_tokens,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            params.temperature,
+            params.top_p,
+        )
+        return tokens.cpu(), logp.cpu()
+
+    def _hf_generate(self, ids, mask, n, params):
+        tok = self.tokenizer
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
         sample_kw = (
             {"do_sample": False}
             if params.greedy
-            else {
-                "do_sample": True,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": 0,
-            }
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         )
         out = self.model.generate(
             input_ids=ids.to(device),
@@ -97,13 +110,28 @@ class HFSampler(Sampler):
             return_dict_in_generate=True,
             **sample_kw,
         )
-        self.model.train(was_training)
-        responses = out.sequences[:, width:].cpu()  # (B, T)
+        responses = out.sequences[:, ids.shape[1] :].cpu()  # (B, T)
         logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, T, V) raw logits
         if not params.greedy:
             logits = logits / params.temperature
         logp = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        return responses, logp
 
+    def _generate_chunk(self, tasks, prompts, n, params, group_offset) -> list[Rollout]:
+        tok = self.tokenizer
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            decode = self._fast_decode if self.fast is not None else self._hf_generate
+            responses, logp = decode(ids, mask, n, params)  # (B, T) each, on the CPU
+        finally:
+            self.model.train(was_training)
         rollouts = []
         for row in range(responses.shape[0]):
             task_idx = row // n

@@ -1,0 +1,244 @@
+"""A lean decoder for Llama-family models (Qwen2, Llama): the ``sampler=hf`` fast path.
+
+Why: on a CPU, and for small models anywhere, ``model.generate`` spends most of a step in
+per-token Python — a module call per projection, a mask built per step, a cache object per
+layer — not in arithmetic. And it prefills every prompt ``n`` times (``num_return_sequences``
+copies the prompt before the prefill). This decoder reads the same ``nn.Module`` parameters
+(no copy; it sees every update) and runs the same maths as ``transformers``' Qwen2/Llama
+forward as plain tensor ops:
+
+- each distinct prompt is prefilled once, its keys/values copied to its ``n`` samples;
+- keys/values live in one preallocated cache per layer (no concatenation per token);
+- q/k/v and gate/up projections are one matrix multiply each (weights concatenated once
+  per ``generate`` call);
+- decoding stops when every row has produced its end-of-sequence token.
+
+Only configurations whose maths it reproduces are accepted (``supports``): RMSNorm, SiLU
+MLP, default rotary embedding, full causal attention (no sliding window), optional q/k/v
+bias (Qwen2), grouped-query attention. Anything else goes through ``model.generate``.
+``tests/test_fast_decode.py`` checks greedy tokens and log-probs against ``transformers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ARCHITECTURES = ("qwen2", "llama")
+
+
+def supports(model) -> str | None:
+    """None when ``model`` can use the fast path, else the reason it cannot."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"model_type {kind!r} is not one of {ARCHITECTURES}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return f"rope_type {rope.get('rope_type')!r}"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "pretraining_tp", 1) != 1:
+        return "mlp_bias / pretraining_tp"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "layer types other than full_attention"
+    try:
+        layer = model.model.layers[0]
+        layer.self_attn.q_proj, layer.mlp.gate_proj, model.model.norm, model.lm_head  # noqa: B018
+    except AttributeError as e:
+        return f"unexpected module layout ({e})"
+    return None
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    norm2: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+
+
+class FastDecoder:
+    """Decode with the current weights of a Qwen2/Llama ``*ForCausalLM`` (see the module doc)."""
+
+    def __init__(self, model):
+        reason = supports(model)
+        if reason is not None:
+            raise ValueError(f"the fast decoder does not support this model: {reason}")
+        self.model = model
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        d = self.head_dim
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+
+    # ------------------------------------------------------------------ weights
+
+    def _weights(self) -> tuple[torch.Tensor, list[_Layer], torch.Tensor, torch.Tensor]:
+        m = self.model
+        layers = []
+        for layer in m.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            biases = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
+            layers.append(
+                _Layer(
+                    norm1=layer.input_layernorm.weight,
+                    qkv_w=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]),
+                    qkv_b=None if biases[0] is None else torch.cat(biases),
+                    o_w=at.o_proj.weight,
+                    norm2=layer.post_attention_layernorm.weight,
+                    gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    down_w=mlp.down_proj.weight,
+                )
+            )
+        return m.model.embed_tokens.weight, layers, m.model.norm.weight, m.lm_head.weight
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # as Qwen2RMSNorm / LlamaRMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * h.to(x.dtype)
+
+    def _rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(self, weights, ids, positions, cache, start, key_mask):
+        """Run tokens ``ids [B, L]`` at ``positions [B, L]`` writing keys/values at cache slots
+        ``start .. start+L``; attend to slots ``< start+L`` allowed by ``key_mask [B, 1, L, S]``.
+        Returns the last position's final hidden state ``[B, H]``."""
+        embed, layers, final_norm, _ = weights
+        B, L = ids.shape
+        H, K, d = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids, embed)
+        cos, sin = self._rotary(positions, x.dtype)
+        end = start + L
+        for i, w in enumerate(layers):
+            h = self._norm(x, w.norm1)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b)
+            q, k, v = qkv.split([H * d, K * d, K * d], dim=-1)
+            q = self._rotate(q.view(B, L, H, d).transpose(1, 2), cos, sin)
+            k = self._rotate(k.view(B, L, K, d).transpose(1, 2), cos, sin)
+            keys, values = cache[i]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v.view(B, L, K, d).transpose(1, 2)
+            att = F.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], attn_mask=key_mask[..., :end], enable_gqa=H != K
+            )
+            x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * d), w.o_w)
+            gate, up = F.linear(self._norm(x, w.norm2), w.gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down_w)
+        return self._norm(x[:, -1], final_norm)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        n: int,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``n`` continuations of each left-padded prompt row.
+
+        Returns ``(tokens [U*n, T], logprobs [U*n, T])`` task-major, ``T <= max_new_tokens``;
+        after a row's end-of-sequence token come ``pad_token_id`` and log-prob 0. Log-probs are
+        ``log_softmax(logits / temperature)`` of the chosen token (raw logits when greedy),
+        before top-p truncation; sampling draws from torch's global RNG.
+        """
+        weights = self._weights()
+        device, dtype = weights[0].device, weights[0].dtype
+        prompts, prompt_mask = prompts.to(device), prompt_mask.to(device).bool()
+        U, P = prompts.shape
+        B, S = U * n, P + max_new_tokens
+        K, d = self.kv_heads, self.head_dim
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # prefill each distinct prompt once: causal, real keys only (each slot also sees itself,
+        # so padding rows stay finite)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = (causal & prompt_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+        small = [
+            (
+                torch.empty(U, K, P, d, dtype=dtype, device=device),
+                torch.empty(U, K, P, d, dtype=dtype, device=device),
+            )
+            for _ in weights[1]
+        ]
+        hidden = self._forward(weights, prompts, positions, small, 0, mask[:, None])
+        cache = []
+        for keys, values in small:
+            big_k = torch.empty(B, K, S, d, dtype=dtype, device=device)
+            big_v = torch.empty(B, K, S, d, dtype=dtype, device=device)
+            big_k[:, :, :P] = keys.repeat_interleave(n, dim=0)
+            big_v[:, :, :P] = values.repeat_interleave(n, dim=0)
+            cache.append((big_k, big_v))
+        hidden = hidden.repeat_interleave(n, dim=0)  # (B, H)
+        key_mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=device)
+        key_mask[:, 0, 0, :P] = prompt_mask.repeat_interleave(n, dim=0)
+        pos = positions[:, -1].repeat_interleave(n, dim=0) + 1  # (B,) next position
+        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        lm_head = weights[3]
+        T = 0
+        for t in range(max_new_tokens):
+            logits = F.linear(hidden, lm_head).float()  # (B, V)
+            if temperature > 0:
+                logits = logits / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            if temperature > 0:
+                nxt = _draw(_top_p(logits, top_p).softmax(-1))
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, pad_token_id, nxt)
+            tokens[:, t] = nxt
+            logps[:, t] = torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
+            done |= nxt == eos_token_id
+            T = t + 1
+            if t + 1 == max_new_tokens or bool(done.all()):
+                break
+            key_mask[:, 0, 0, P + t] = True
+            hidden = self._forward(weights, nxt[:, None], pos[:, None], cache, P + t, key_mask)
+            pos = pos + 1
+        return tokens[:, :T], logps[:, :T]
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [B, V]`` by inverting the CDF at a uniform draw (the
+    distribution of ``torch.multinomial``, several times cheaper on a CPU for one sample)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    ordered, order = logits.sort(dim=-1)  # ascending
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False  # always keep the most likely token
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
