@@ -40,6 +40,11 @@ class KernelsConfig:
     LM-head weight (never the full logits; chunked/triton). False: from the model's logits."""
     chunk_size: int = 1024
     """Rows (tokens) per chunk of the chunked/triton paths."""
+    shared_prefix: bool = True
+    """Run each distinct prompt of a micro-batch through the model once and let its responses
+    attend to that one copy of its keys/values (GRPO's n samples of a prompt share it): the same
+    log-probs and gradients as one forward per row, with ``n - 1`` of ``n`` prompt copies not
+    computed. Applies on the ``linear`` path of models with a plain (non-sliding) KV cache."""
 
     def __post_init__(self):
         if self.backend not in (*BACKENDS, "auto"):
@@ -172,10 +177,15 @@ def sequence_logprobs(
     head = model.get_output_embeddings()
     linear = kc.linear and getattr(head, "bias", None) is None and not _has_softcap(model)
     if linear:
-        out = model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        hidden = out.last_hidden_state[:, -T - 1 : -1][real]  # (N, H): position j predicts token j+1
+        hidden = None
+        if kc.shared_prefix:
+            hidden = _shared_prefix_hidden(model.base_model, input_ids, attention_mask, position_ids, T)
+        if hidden is None:
+            out = model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            hidden = out.last_hidden_state[:, -T - 1 : -1]  # (B, T, H): position j predicts token j+1
+        hidden = hidden[real]  # (N, H)
         out = logprobs_from_hidden(
             hidden, head.weight, tokens, kc.backend, with_entropy, temperature, kc.chunk_size
         )
@@ -196,6 +206,42 @@ def sequence_logprobs(
         return logp, None
     entropy = full.masked_scatter(real, entropy if entropy_grad else entropy.detach())
     return logp, entropy
+
+
+def _shared_prefix_hidden(base, input_ids, attention_mask, position_ids, T: int) -> torch.Tensor | None:
+    """The hidden states that predict each response token, ``[B, T, H]``, with every distinct
+    prompt computed once; None where nothing is shared (or the model's cache cannot be shared).
+
+    The prompts ``[U, P]`` run first and keep their keys/values; the cache is indexed out to the
+    ``B`` rows (a differentiable gather: gradients of all of a prompt's rows meet in its one
+    copy); the responses ``[B, T]`` then run against it. Position ``P - 1`` of a prompt predicts
+    its first response token, response position ``j`` the token ``j + 1``.
+    """
+    P = input_ids.shape[1] - T
+    prompts, inverse = torch.unique(
+        torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True
+    )
+    if len(prompts) == len(input_ids) or P == 0:
+        return None
+    out = base(
+        input_ids=prompts[:, :P],
+        attention_mask=prompts[:, P:],
+        position_ids=(prompts[:, P:].long().cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    if not hasattr(cache, "batch_select_indices") or any(getattr(cache, "is_sliding", None) or ()):
+        return None
+    cache.batch_select_indices(inverse)
+    rest = base(
+        input_ids=input_ids[:, P:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, P:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    first = out.last_hidden_state[inverse, -1:]  # (B, 1, H)
+    return torch.cat([first, rest.last_hidden_state[:, :-1]], 1)
 
 
 def _has_softcap(model) -> bool:
