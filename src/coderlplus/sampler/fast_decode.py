@@ -81,7 +81,7 @@ class FastDecoder:
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         d = self.head_dim
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # as transformers
 
     # ------------------------------------------------------------------ weights
 
@@ -105,43 +105,46 @@ class FastDecoder:
         return m.model.embed_tokens.weight, layers, m.model.norm.weight, m.lm_head.weight
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # as Qwen2RMSNorm / LlamaRMSNorm
+        if x.dtype == torch.float32:  # the same sums in one op
+            return F.rms_norm(x, w.shape, w, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
 
-    def _rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    def _rotary_tables(self, n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ``[n, d]`` of positions ``0..n-1``: ``x * cos + roll(x) * sin`` is
+        ``transformers``' ``x * cos + rotate_half(x) * sin`` (``rotate_half(x) = cat(-x2, x1)``)."""
+        freqs = torch.arange(n, device=device, dtype=torch.float)[:, None] * self.inv_freq.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()
+        return emb.cos().to(dtype), sin.to(dtype)
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, weights, ids, positions, cache, start, key_mask):
-        """Run tokens ``ids [B, L]`` at ``positions [B, L]`` writing keys/values at cache slots
-        ``start .. start+L``; attend to slots ``< start+L`` allowed by ``key_mask [B, 1, L, S]``.
-        Returns the last position's final hidden state ``[B, H]``."""
+    def _forward(self, weights, ids, rotary, cache, start, key_mask):
+        """Run tokens ``ids [B, L]`` (``rotary``: their cos/sin ``[B, L, 1, d]``) writing keys/values
+        at cache slots ``start .. start+L``; attend to slots ``< start+L`` allowed by ``key_mask
+        [B, 1, L, S]``. Returns the last position's final hidden state ``[B, H]``."""
         embed, layers, final_norm, _ = weights
         B, L = ids.shape
         H, K, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = rotary
         x = F.embedding(ids, embed)
-        cos, sin = self._rotary(positions, x.dtype)
         end = start + L
         for i, w in enumerate(layers):
-            h = self._norm(x, w.norm1)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)
-            q, k, v = qkv.split([H * d, K * d, K * d], dim=-1)
-            q = self._rotate(q.view(B, L, H, d).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(B, L, K, d).transpose(1, 2), cos, sin)
+            qkv = F.linear(self._norm(x, w.norm1), w.qkv_w, w.qkv_b).view(B, L, H + 2 * K, d)
+            qk = qkv[:, :, : H + K]  # queries and keys rotate together
+            qk = qk * cos + qk.roll(d // 2, -1) * sin
             keys, values = cache[i]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v.view(B, L, K, d).transpose(1, 2)
+            keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            values[:, :, start:end] = qkv[:, :, H + K :].transpose(1, 2)
             att = F.scaled_dot_product_attention(
-                q, keys[:, :, :end], values[:, :, :end], attn_mask=key_mask[..., :end], enable_gqa=H != K
+                qk[:, :, :H].transpose(1, 2),
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=key_mask[..., :end],
+                enable_gqa=H != K,
             )
             x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * d), w.o_w)
             gate, up = F.linear(self._norm(x, w.norm2), w.gate_up_w).chunk(2, dim=-1)
@@ -176,6 +179,7 @@ class FastDecoder:
         B, S = U * n, P + max_new_tokens
         K, d = self.kv_heads, self.head_dim
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cos_t, sin_t = self._rotary_tables(S, dtype, device)
         # prefill each distinct prompt once: causal, real keys only (each slot also sees itself,
         # so padding rows stay finite)
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
@@ -187,7 +191,8 @@ class FastDecoder:
             )
             for _ in weights[1]
         ]
-        hidden = self._forward(weights, prompts, positions, small, 0, mask[:, None])
+        rotary = (cos_t[positions][:, :, None], sin_t[positions][:, :, None])
+        hidden = self._forward(weights, prompts, rotary, small, 0, mask[:, None])
         cache = []
         for keys, values in small:
             big_k = torch.empty(B, K, S, d, dtype=dtype, device=device)
@@ -221,7 +226,8 @@ class FastDecoder:
             if t + 1 == max_new_tokens or bool(done.all()):
                 break
             key_mask[:, 0, 0, P + t] = True
-            hidden = self._forward(weights, nxt[:, None], pos[:, None], cache, P + t, key_mask)
+            rotary = (cos_t[pos][:, None, None], sin_t[pos][:, None, None])
+            hidden = self._forward(weights, nxt[:, None], rotary, cache, P + t, key_mask)
             pos = pos + 1
         return tokens[:, :T], logps[:, :T]
 
