@@ -80,7 +80,13 @@ def make_25m_model(tiny_dir: str, out: Path) -> str:
 # ----------------------------------------------------------------------------- workers
 
 
-def run_ours(model: str, steps: int, lr: float, beta: float) -> dict:
+# The fixes issue 11's profile pointed to, switched off: `ours-before` is our trainer without them
+# (sampling through model.generate, one forward per row, torch's default AdamW loop). The reward
+# overlapping the no-grad passes has no switch.
+BEFORE_FIXES = ("sampler.fast_decode=false", "kernels.shared_prefix=false", "optim.fused=false")
+
+
+def run_ours(model: str, steps: int, lr: float, beta: float, extra: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -107,6 +113,7 @@ def run_ours(model: str, steps: int, lr: float, beta: float) -> dict:
         f"algorithm.kl_coef={beta}",
         "execution.workers=1",
         "logger.wandb_mode=disabled",
+        *extra,
         *os.environ.get("BENCH_OURS_OVERRIDES", "").split(),  # e.g. kernels=torch, to try options
     ]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -206,8 +213,13 @@ def run_trl_bf16(model: str, steps: int, lr: float, beta: float) -> dict:
     return run_trl(model, steps, lr, beta, bf16=True)
 
 
-WORKERS = {"ours": run_ours, "trl": run_trl, "trl-bf16": run_trl_bf16}
-TRAINERS = ("trl", "ours", "trl-bf16")  # trl-bf16: TRL's default precision, for information
+def run_ours_before(model: str, steps: int, lr: float, beta: float) -> dict:
+    return run_ours(model, steps, lr, beta, extra=BEFORE_FIXES)
+
+
+WORKERS = {"ours": run_ours, "ours-before": run_ours_before, "trl": run_trl, "trl-bf16": run_trl_bf16}
+# trl-bf16: TRL's default precision, for information; ours-before: ours without the fixes
+TRAINERS = ("trl", "ours", "ours-before", "trl-bf16")
 
 
 def worker_main(args) -> int:
@@ -303,6 +315,14 @@ def report(results, args) -> str:
             lines.append(
                 f"| {name} | {trainer} | {med[name, trainer]:.3f} | {len(times)} | {rss:.0f} | {ratio} |"
             )
+    lines += ["", "Our step by phase (median seconds of the trainer's own `timing/*`):", ""]
+    phases = ("sample_s", "logprob_s", "reward_s", "reward_wait_s", "update_s", "step_s")
+    lines += ["| model | trainer | " + " | ".join(phases) + " |", "|---|---|" + "---:|" * len(phases)]
+    for name in args.models.split(","):
+        for trainer in ("ours", "ours-before"):
+            rows = [row for m, t, _, r in results if m == name and t == trainer for row in r["rows"][1:]]
+            cells = [statistics.median(row.get(f"timing/{k}", 0.0) for row in rows) for k in phases]
+            lines.append(f"| {name} | {trainer} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -328,7 +348,7 @@ def write_outputs(results, table: str) -> None:
             if name_ != name:
                 continue
             steps = range(1, len(r["rows"]) + 1)
-            style = {"ours": "-", "trl": "--", "trl-bf16": ":"}[trainer]
+            style = {"ours": "-", "ours-before": "-.", "trl": "--", "trl-bf16": ":"}[trainer]
             for j, key in enumerate(("reward", "loss")):
                 axes[i][j].plot(steps, [row.get(key) for row in r["rows"]], style, label=f"{trainer} #{rep}")
                 axes[i][j].set_title(f"{name}: {key}")
