@@ -274,6 +274,41 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert load_checkpoint(first, fresh, fresh_opt, fresh_sched)["step"] == 1
 
 
+def test_a_failed_sharded_save_keeps_the_previous_sharded_checkpoint(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from coderlplus.distributed import TrainState
+
+    model, opt, sched = _small_model()
+    _train_once(model, opt, sched)
+    first = _save(tmp_path, 1, model, None, sched, sharded={"policy": TrainState(model, opt)})
+    assert (first / "dcp" / ".metadata").exists() and not (first / "optimizer.pt").exists()
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    _train_once(model, opt, sched)
+
+    def crash(self, plan, planner):  # as if the disk filled while the shards were written
+        (Path(self.path) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", crash)
+    with pytest.raises(CheckpointError, match=rf"step_000002.*previous checkpoint {first} is intact"):
+        _save(tmp_path, 2, model, None, sched, sharded={"policy": TrainState(model, opt)})
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path) == [first] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert latest_checkpoint(tmp_path) == first
+
+    fresh, fresh_opt, fresh_sched = _small_model()  # an optimiser without state: DCP fills it
+    with pytest.raises(CheckpointError, match="sharded"):
+        load_checkpoint(first, fresh, fresh_opt, fresh_sched)  # no DCP entries to load into
+    state = load_checkpoint(first, fresh, None, fresh_sched, sharded={"policy": TrainState(fresh, fresh_opt)})
+    assert state["step"] == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved_model[k]), k
+    for k, v in fresh_opt.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"], saved_opt[k]), k
+
+
 def test_keep_last_plus_the_best(tmp_path):
     model, opt, sched = _small_model()
     metric = "eval/validation/pass@1"

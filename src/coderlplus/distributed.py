@@ -17,15 +17,21 @@ trainer loop in N processes (ranks). Per step:
    micro-batch is weighted against the *global* mini-batch and multiplied by the world
    size (the engines average over ranks), so the update is the one a single process makes
    on the same global batch, whatever N is;
-4. rank 0 evaluates, logs and writes checkpoints (consolidated: a checkpoint of an N-rank
-   run resumes in one process and vice versa).
+4. rank 0 evaluates and logs; checkpoints (``distributed.checkpoint``) are ``full``
+   (rank 0 writes one consolidated ``optimizer.pt``; ``none``/``ddp`` by default) or
+   ``sharded`` (``fsdp2`` by default: every rank writes its shards of the trained weights
+   and optimiser state with ``torch.distributed.checkpoint`` into ``dcp/``, nothing is
+   gathered). Either kind resumes with any number of ranks, one process included (DCP
+   reshards on load), and both hold the consolidated weights in ``model/`` for
+   ``from_pretrained`` and evaluation (:mod:`coderlplus.checkpoint`).
 
 The sampler always runs on a plain, full copy of the policy: the policy itself for
 ``none``/``ddp``; for ``fsdp2`` a copy refreshed after every update by gathering the
 shards one tensor at a time (what a vLLM weight push does too). The reference model is a
-plain copy on every rank (no gradients to shard). Not supported yet: ``fsdp2`` with an
-actor-critic algorithm (PPO's critic), ``ddp`` with a critic that shares the policy's
-backbone; both are config errors.
+plain copy on every rank (no gradients to shard). PPO's critic is replicated (``ddp``) or
+sharded per decoder layer (``fsdp2``) like the policy, with its own optimiser. Not
+supported: a critic that shares the policy's backbone (``algorithm.share_backbone=true``)
+with ``ddp`` or ``fsdp2``; a config error.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class DistributedConfig:
     """Process-group backend: auto (nccl on GPUs, gloo on the CPU), nccl or gloo."""
     timeout_min: float = 30.0
     """How long a collective may wait for the other ranks (sampling and the sandbox run between them)."""
+    checkpoint: str = "auto"
+    """auto (sharded for fsdp2, full otherwise), sharded (every rank writes its shards of the weights and
+    optimiser state with torch.distributed.checkpoint) or full (rank 0 writes one consolidated copy)."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -63,6 +72,13 @@ class DistributedConfig:
             raise ConfigError(f"distributed.backend={self.backend!r}; choose auto, gloo or nccl")
         if self.timeout_min <= 0:
             raise ConfigError(f"distributed.timeout_min={self.timeout_min} must be > 0")
+        if self.checkpoint not in ("auto", "sharded", "full"):
+            raise ConfigError(f"distributed.checkpoint={self.checkpoint!r}; choose auto, sharded or full")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints hold the training state as DCP shards (``dcp/``) rather than ``optimizer.pt``."""
+        return self.checkpoint == "sharded" or (self.checkpoint == "auto" and self.strategy == "fsdp2")
 
 
 class LogprobModule(nn.Module):
@@ -114,6 +130,14 @@ class Strategy:
     def optimizer_state(self, train: nn.Module, optimizer) -> Any:
         """What a checkpoint holds as ``optimizer.pt``: an object with ``state_dict``/``load_state_dict``."""
         return optimizer
+
+    def model_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s full (unsharded) state dict; every rank calls it (a collective for fsdp2)."""
+        return module.state_dict()
+
+    def load_model_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a full state dict (every rank holds it) into ``module``, sharded or not."""
+        module.load_state_dict(state)
 
     def no_sync(self, train: nn.Module, last: bool):
         """Around a micro-batch's backward: average gradients across ranks only on the ``last``."""
@@ -234,25 +258,34 @@ class DDP(_ProcessGroup):
 class FSDP2(_ProcessGroup):
     """``distributed=fsdp2``: ``fully_shard`` on each decoder layer and the whole model."""
 
-    def wrap(self, policy: nn.Module, device: torch.device) -> nn.Module:
+    _mesh = None
+
+    def _shard(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``fully_shard`` each decoder layer of ``module``, then ``module`` itself (in place)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        module = LogprobModule(copy.deepcopy(policy))  # sharded in place; the sampler keeps `policy`
-        if self.world == 1:
-            return module
-        mesh = init_device_mesh(device.type, (self.world,))
-        for layer in _decoder_layers(module.policy):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+        if self._mesh is None:
+            self._mesh = init_device_mesh(device.type, (self.world,))
+        for layer in _decoder_layers(module):
+            fully_shard(layer, mesh=self._mesh)
+        fully_shard(module, mesh=self._mesh)
         return module
 
+    def wrap(self, policy: nn.Module, device: torch.device) -> nn.Module:
+        module = LogprobModule(copy.deepcopy(policy))  # sharded in place; the sampler keeps `policy`
+        return self._shard(module, device) if self.world > 1 else module
+
     def wrap_critic(self, critic, device):
-        if critic is not None and self.world > 1:
+        """Shard the critic in place (its optimiser is built afterwards, on the shards)."""
+        if critic is None or self.world == 1:
+            return critic
+        if getattr(critic, "share_backbone", False):
             raise ConfigError(
-                "distributed=fsdp2 does not shard a critic yet; use distributed=ddp for actor-critic algorithms"
+                "distributed=fsdp2 with a critic sharing the policy's backbone is not supported (the backbone "
+                "is sharded inside the policy's training module); use algorithm.share_backbone=false"
             )
-        return critic
+        return self._shard(critic, device)
 
     @torch.no_grad()
     def sync_policy(self, train, policy):
@@ -270,6 +303,22 @@ class FSDP2(_ProcessGroup):
 
     def optimizer_state(self, train, optimizer):
         return _FullOptimizerState(train, optimizer) if self.world > 1 else optimizer
+
+    def model_state(self, module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.world == 1:
+            return module.state_dict()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=opts)
+
+    def load_model_state(self, module, state):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.world == 1:
+            module.load_state_dict(state)
+        else:
+            set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
     def no_sync(self, train, last):
         if hasattr(train, "set_requires_gradient_sync"):
@@ -302,6 +351,31 @@ class _FullOptimizerState:
 
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self.train, self.optimizer, optim_state_dict=state, options=opts)
+
+
+class TrainState:
+    """A module and its optimiser as one ``torch.distributed.checkpoint`` entry (DCP's ``Stateful``).
+
+    ``state_dict`` gives ``{"model": ..., "optim": ...}`` keyed by parameter names without the
+    engines' wrappers (DDP's ``module.``), with each rank's shards for FSDP2 and whole tensors
+    otherwise, so what one world size saves, any other (one plain process included) loads.
+    """
+
+    def __init__(self, module: nn.Module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

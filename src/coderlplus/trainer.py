@@ -34,13 +34,17 @@ import torch
 
 from coderlplus.checkpoint import (
     CheckpointError,
+    is_sharded,
     latest_checkpoint,
     load_checkpoint,
     read_state,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
+    sharded_keys,
 )
 from coderlplus.config import ConfigError, ResolvedConfig
-from coderlplus.distributed import make_strategy
+from coderlplus.distributed import TrainState, make_strategy
 from coderlplus.evaluation import greedy_pass_at_1
 from coderlplus.execution import Sandbox
 from coderlplus.kernels import check_backend, sequence_logprobs
@@ -176,7 +180,7 @@ class Trainer:
         # Actor-critic algorithms (PPO) train a value model beside the policy, with its own optimiser.
         self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
         # every rank samples its own prompts: its own sampling seed (rank 0's is the single-process one)
-        sampler_seed = cfg.seed + 1_000_003 * self.dist.rank
+        self.sampler_seed = sampler_seed = cfg.seed + 1_000_003 * self.dist.rank
         self.sampler = SAMPLERS.get(cfg.sampler_name)(
             cfg.sampler, self.policy, self.tokenizer, seed=sampler_seed
         )
@@ -242,10 +246,12 @@ class Trainer:
         self.critic_optimizer = None
         if self.critic is not None:
             self.critic.to(self.device).eval()
+        # replicated (ddp) or sharded in place (fsdp2) before its optimiser is built on its parameters
+        self.critic_train = self.dist.wrap_critic(self.critic, self.device)
+        if self.critic is not None:
             self.critic_optimizer = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
             )
-        self.critic_train = self.dist.wrap_critic(self.critic, self.device)
         self.step = 0
         self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
         self._order_epoch, self._order = -1, []
@@ -369,17 +375,24 @@ class Trainer:
                     f"({path.parent.parent}/.hydra/config.yaml), or start a new run from its weights "
                     f"(model=hf model.path={path}/model, without trainer.resume)"
                 )
-        optimizer = self.dist.optimizer_state(self.train_model, self.optimizer)
-        state = load_checkpoint(path, self.policy, optimizer, self.scheduler)
-        self.dist.load_policy(self.train_model, self.policy)
+        if is_sharded(path):  # DCP shards, resharded to this run's ranks: the trained modules and optimisers
+            if self.critic is not None and "critic" not in sharded_keys(path):
+                raise CheckpointError(f"{path} has no critic: it was not saved by an actor-critic run")
+            state = load_checkpoint(path, self.policy, None, self.scheduler, sharded=self._sharded_state())
+        else:  # one consolidated copy, loaded by every rank
+            optimizer = self.dist.optimizer_state(self.train_model, self.optimizer)
+            state = load_checkpoint(path, self.policy, optimizer, self.scheduler)
+            self.dist.load_policy(self.train_model, self.policy)
+            if self.critic is not None:
+                if not (path / "critic.pt").exists():
+                    raise CheckpointError(f"{path} has no critic.pt: it was not saved by an actor-critic run")
+                critic_state = torch.load(path / "critic.pt", weights_only=False, map_location=self.device)
+                self.dist.load_model_state(self.critic, critic_state["model"])
+                critic_optimizer = self.dist.optimizer_state(self.critic, self.critic_optimizer)
+                critic_optimizer.load_state_dict(critic_state["optimizer"])
         self.step = int(state["step"])
+        self._restore_rank_rng(path)
         self.code_seen = int(state.get("code_seen", self.step * self.cfg.trainer.prompts_per_step))
-        if self.critic is not None:
-            if not (path / "critic.pt").exists():
-                raise CheckpointError(f"{path} has no critic.pt: it was not saved by an actor-critic run")
-            critic_state = torch.load(path / "critic.pt", weights_only=False, map_location=self.device)
-            self.critic.load_state_dict(critic_state["model"])
-            self.critic_optimizer.load_state_dict(critic_state["optimizer"])
         if self.alignment is not None and (path / "alignment.json").exists():
             self.alignment.load_state_dict(json.loads((path / "alignment.json").read_text()))
         self.before = dict(state.get("before") or {})
@@ -395,6 +408,25 @@ class Trainer:
                 log.warning("%s predates metrics truncation: metrics.jsonl may repeat steps", path)
         log.warning("resumed from %s at step %d", path, self.step)
         return state
+
+    def _sharded_state(self) -> dict[str, TrainState]:
+        """The DCP entries of a sharded checkpoint: the trained modules with their optimisers."""
+        entries = {"policy": TrainState(self.train_model, self.optimizer)}
+        if self.critic is not None:
+            entries["critic"] = TrainState(self.critic, self.critic_optimizer)
+        return entries
+
+    def _restore_rank_rng(self, path: Path) -> None:
+        """Give each rank its own saved RNG streams (``rng_ranks.pt``) when the world size is the
+        saved one; with another world size rank 0 keeps ``rng.pt`` and the others reseed their own."""
+        if self.dist.world == 1:
+            return  # rng.pt: rank 0's state, set by load_checkpoint
+        saved = path / "rng_ranks.pt"
+        states = torch.load(saved, weights_only=False) if saved.exists() else None
+        if states is not None and len(states) == self.dist.world:
+            set_rng_state(states[self.dist.rank])
+        elif self.dist.rank:
+            torch.manual_seed(self.sampler_seed + self.step)
 
     # ------------------------------------------------------------------ the loop
     def next_tasks(self) -> list[Task]:
@@ -621,12 +653,20 @@ class Trainer:
             "sandbox_stats": {k[len("sandbox/") :]: v for k, v in self._sandbox_stats().items()},
             "wandb_id": self.logger.run_id,
         }
-        optimizer = self.dist.optimizer_state(self.train_model, self.optimizer)
-        if not self.dist.is_main:  # rank 0 writes; the others join the collectives an fsdp2 state needs
-            optimizer.state_dict()
-            self.dist.barrier()
-            self._saved_step = self.step
-            return self.dist.broadcast(None)
+        extra_torch: dict[str, Any] = {}
+        if self.dist.world > 1:  # every rank's RNG streams (each samples with its own)
+            extra_torch["rng_ranks"] = self.dist.gather(rng_state())
+        optimizer, sharded = None, None
+        if self.dist.cfg.sharded_checkpoints:  # every rank writes its shards into dcp/
+            sharded = self._sharded_state()
+        else:  # one consolidated copy (gathering it is a collective for fsdp2: every rank takes part)
+            optimizer = self.dist.optimizer_state(self.train_model, self.optimizer).state_dict()
+            if self.critic is not None:
+                critic_optimizer = self.dist.optimizer_state(self.critic, self.critic_optimizer)
+                extra_torch["critic"] = {
+                    "model": self.dist.model_state(self.critic),
+                    "optimizer": critic_optimizer.state_dict(),
+                }
         path = save_checkpoint(
             self.run_dir,
             self.step,
@@ -637,16 +677,13 @@ class Trainer:
             state,
             keep_last=tc.keep_last,
             extra_json={"alignment": self.alignment.state_dict()} if self.alignment else None,
-            extra_torch={
-                "critic": {"model": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
-            }
-            if self.critic is not None
-            else None,
+            extra_torch=extra_torch,
             best_metric=BEST_METRIC if tc.keep_best else None,
+            sharded=sharded,
+            comm=self.dist,
         )
         self._saved_step = self.step
-        self.dist.barrier()
-        return self.dist.broadcast(path)
+        return path
 
     def _new_best(self, eval_metrics: dict[str, float]) -> bool:
         """Whether this evaluation sets a new best ``BEST_METRIC`` (then ``self.best`` records it)."""
