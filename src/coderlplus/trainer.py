@@ -26,6 +26,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,9 @@ def use_deterministic_algorithms() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def make_batch(rollouts: list[Rollout], scores: list[RewardOutput], pad_id: int) -> RolloutBatch:
-    """Pack rollouts into tensors: prompts left-padded to P, responses right-padded to T."""
+def make_batch(rollouts: list[Rollout], scores: list[RewardOutput] | None, pad_id: int) -> RolloutBatch:
+    """Pack rollouts into tensors: prompts left-padded to P, responses right-padded to T
+    (rewards 0 without ``scores``: the trainer fills them in when the sandbox is done)."""
     P = max(len(r.prompt_ids) for r in rollouts)
     T = max(1, max(len(r.response_ids) for r in rollouts))
     B = len(rollouts)
@@ -95,7 +97,9 @@ def make_batch(rollouts: list[Rollout], scores: list[RewardOutput], pad_id: int)
         input_ids=input_ids,
         attention_mask=attention_mask,
         response_mask=attention_mask[:, P:].float(),
-        rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32),
+        rewards=torch.tensor(
+            [s.reward for s in scores] if scores is not None else [0.0] * B, dtype=torch.float32
+        ),
         group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
         old_logp=old_logp,
         task_kinds=[r.task.kind for r in rollouts],
@@ -187,9 +191,11 @@ class Trainer:
         if self.dist.rank:  # the hf sampler draws from torch's global RNG: each rank its own stream
             torch.manual_seed(sampler_seed)
         self.sandbox = Sandbox(**dataclasses.asdict(cfg.execution))
+        self._reward_thread = ThreadPoolExecutor(1, thread_name_prefix="reward")  # see train_step
         try:
             self._setup(full_config)
         except BaseException:  # a bad dataset or checkpoint: leave no sandbox or engine behind
+            self._reward_thread.shutdown()
             self.sandbox.close()
             self.sampler.close()
             raise
@@ -238,6 +244,7 @@ class Trainer:
             betas=tuple(oc.betas),
             eps=oc.eps,
             weight_decay=oc.weight_decay,
+            fused=oc.fused or None,
         )
         updates = max(1, tc.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -250,7 +257,11 @@ class Trainer:
         self.critic_train = self.dist.wrap_critic(self.critic, self.device)
         if self.critic is not None:
             self.critic_optimizer = torch.optim.AdamW(
-                self.critic.parameters(), lr=self.critic.lr, betas=tuple(oc.betas), eps=oc.eps
+                self.critic.parameters(),
+                lr=self.critic.lr,
+                betas=tuple(oc.betas),
+                eps=oc.eps,
+                fused=oc.fused or None,
             )
         self.step = 0
         self.code_seen = 0  # code-generation prompts drawn so far (the epoch counts these)
@@ -460,19 +471,25 @@ class Trainer:
         tasks = self.next_tasks()[self.dist.rank :: self.dist.world]  # this rank's prompts
         rollouts = self.sampler.generate(tasks, tc.group_size)
         t1 = time.perf_counter()
-        scores = self.reward(rollouts)
-        t_reward = time.perf_counter() - t1
+        # The sandbox scores this rank's rollouts (in its own processes) while this process runs
+        # the passes that do not need rewards: reference / old log-probs, critic values.
+        pending = self._reward_thread.submit(self._timed_reward, rollouts)
         if self.dist.world > 1:  # every rank gets the whole batch
-            rollouts, scores = _merge_ranks(self.dist.gather((rollouts, scores)))
-        align_metrics = self._harvest(rollouts, scores, step) if self.alignment else {}
-        t2 = time.perf_counter()
-        batch = make_batch(rollouts, scores, self.tokenizer.pad_token_id)
+            rollouts, _ = _merge_ranks([(part, []) for part in self.dist.gather(rollouts)])
+        batch = make_batch(rollouts, None, self.tokenizer.pad_token_id)
         if self.reference is not None:
             batch.ref_logp = self._logprobs(self.reference, batch)
         if tc.recompute_old_logp:
             batch.old_logp = self._logprobs(self.policy, batch)
         if self.critic is not None:
             batch.values = self._per_micro_batch(self.critic, batch)
+        t2 = time.perf_counter()
+        scores, t_reward = pending.result()
+        if self.dist.world > 1:
+            scores = [s for part in self.dist.gather(scores) for s in part]  # rank order, as the rollouts
+        batch.rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+        t_wait = time.perf_counter() - t2
+        align_metrics = self._harvest(rollouts, scores, step) if self.alignment else {}
         adv = self.algo.compute_advantages(batch, ac)  # (B, T)
         adv_metrics = advantage_metrics(adv, batch.response_mask)
         t3 = time.perf_counter()
@@ -484,14 +501,19 @@ class Trainer:
         metrics |= align_metrics | alignment_metrics(rollouts, scores)
         metrics |= {
             "timing/sample_s": t1 - t0,
-            "timing/reward_s": t_reward,
-            "timing/align_harvest_s": t2 - t1 - t_reward,
-            "timing/logprob_s": t3 - t2,
+            "timing/reward_s": t_reward,  # overlapped with timing/logprob_s
+            "timing/reward_wait_s": t_wait,
+            "timing/logprob_s": t2 - t1,
+            "timing/align_harvest_s": t3 - t2 - t_wait,
             "timing/update_s": t4 - t3,
             "timing/step_s": t4 - t0,
             **self._sandbox_stats(),
         }
         return metrics
+
+    def _timed_reward(self, rollouts: list[Rollout]) -> tuple[list[RewardOutput], float]:
+        t = time.perf_counter()
+        return self.reward(rollouts), time.perf_counter() - t
 
     def _harvest(self, rollouts: list[Rollout], scores: list[RewardOutput], step: int) -> dict[str, float]:
         """CodeRL+'s harvest of this step's rollouts into the alignment buffer; a failure skips it."""
@@ -780,6 +802,7 @@ class Trainer:
         self.logger.log(metrics, step)
 
     def close(self) -> None:
+        self._reward_thread.shutdown(wait=True)
         self.logger.close()
         self.sandbox.close()
         self.sampler.close()
