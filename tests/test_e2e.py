@@ -44,6 +44,7 @@ def test_two_step_run_changes_parameters_and_logs_finite_metrics(tiny_model_dir,
     rc = _resolved([*SMOKE_LEARNS, "model=hf", f"model.path={tiny_model_dir}"])
     trainer = Trainer(rc, tmp_path)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    versions = {k: v._version for k, v in trainer.policy.state_dict().items()}  # shared counters
     try:
         summary = trainer.fit()
         pool = trainer.sandbox.processes()
@@ -53,6 +54,10 @@ def test_two_step_run_changes_parameters_and_logs_finite_metrics(tiny_model_dir,
     after = trainer.policy.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, "RL did not update the parameters"
+    # every updated tensor says so in its version counter: how sampler=vllm finds what to push
+    # (torch's fused AdamW alone does not bump it)
+    bumped = {k for k, v in trainer.policy.state_dict().items() if v._version != versions[k]}
+    assert set(changed) <= bumped, set(changed) - bumped
     if trainer.reference is not None:  # the reference stays frozen
         ref = trainer.reference.state_dict()
         assert all(torch.equal(before[k], ref[k]) for k in before)

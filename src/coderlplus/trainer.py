@@ -603,11 +603,11 @@ class Trainer:
                         )
                 grad_clip = self.cfg.optim.grad_clip or float("inf")
                 norms["actor/grad_norm"] += self.dist.clip_grad_norm(self.train_model.parameters(), grad_clip)
-                self.optimizer.step()
+                _optimizer_step(self.optimizer)
                 if self.critic is not None:
                     critic_norm = self.dist.clip_grad_norm(self.critic.parameters(), grad_clip)
                     norms["critic/grad_norm"] += critic_norm
-                    self.critic_optimizer.step()
+                    _optimizer_step(self.critic_optimizer)
                 self.scheduler.step()
                 n_updates += 1
         self.train_model.eval()
@@ -807,6 +807,15 @@ class Trainer:
         self.sandbox.close()
         self.sampler.close()
         self.dist.close()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``. torch's fused AdamW writes the parameters without bumping their
+    version counters, which is how ``sampler=vllm`` finds the tensors to push: bump them here."""
+    optimizer.step()
+    if optimizer.defaults.get("fused"):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.autograd.graph.increment_version(params)
 
 
 def _merge_ranks(
