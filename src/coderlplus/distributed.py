@@ -220,6 +220,21 @@ class _ProcessGroup(Strategy):
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_min))
 
+    def wrap_critic(self, critic, device):
+        if critic is None or self.world == 1:
+            return critic
+        if getattr(critic, "share_backbone", False):
+            raise ConfigError(
+                f"distributed={self.cfg.strategy} with a critic sharing the policy's backbone is not "
+                "supported (the backbone lives inside the policy's replicated or sharded training module); "
+                "use algorithm.share_backbone=false"
+            )
+        return self._wrap_critic(critic, device)
+
+    def _wrap_critic(self, critic: nn.Module, device: torch.device) -> nn.Module:
+        """The critic replicated or sharded over the ranks (world > 1, its own backbone)."""
+        raise NotImplementedError
+
     def device(self, requested: str) -> torch.device:
         dev = super().device(requested)
         if dev.type == "cuda" and dev.index is None:
@@ -238,14 +253,7 @@ class DDP(_ProcessGroup):
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    def wrap_critic(self, critic, device):
-        if critic is None or self.world == 1:
-            return critic
-        if getattr(critic, "share_backbone", False):
-            raise ConfigError(
-                "distributed=ddp with a critic sharing the policy's backbone is not supported; "
-                "use algorithm.share_backbone=false"
-            )
+    def _wrap_critic(self, critic, device):
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(critic, device_ids=ids)
 
@@ -276,15 +284,8 @@ class FSDP2(_ProcessGroup):
         module = LogprobModule(copy.deepcopy(policy))  # sharded in place; the sampler keeps `policy`
         return self._shard(module, device) if self.world > 1 else module
 
-    def wrap_critic(self, critic, device):
+    def _wrap_critic(self, critic, device):
         """Shard the critic in place (its optimiser is built afterwards, on the shards)."""
-        if critic is None or self.world == 1:
-            return critic
-        if getattr(critic, "share_backbone", False):
-            raise ConfigError(
-                "distributed=fsdp2 with a critic sharing the policy's backbone is not supported (the backbone "
-                "is sharded inside the policy's training module); use algorithm.share_backbone=false"
-            )
         return self._shard(critic, device)
 
     @torch.no_grad()
