@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (the `device` tool), from the repository root, after
-# pack_vllm.sh's parts have travelled there (.dc1 in a first call, copied to /tmp/dc1; .dc2 in
-# this one). Writes at most 8 files to $OUT.
+# pack_vllm.sh's parts have travelled there, one .dcN per call, each copied to /tmp/dc (this
+# call's own .dcN included). Writes at most 8 files to $OUT.
 #
 #   1. the default job (embedded tiny model, TinyCode, GRPO, 30 steps) with sampler=vllm on 1 GPU;
 #      if it fails, again without CUDA graphs, then without sleep mode (each attempt's log kept);
@@ -16,12 +16,12 @@ left() { echo $((LIMIT - (SECONDS - T0))); }
 
 SITE=${SITE:-/tmp/site}       # SITE=none: use the packages already installed (a rehearsal elsewhere)
 mkdir -p /tmp/cc /tmp/runs "$OUT"
+mkdir -p /tmp/dc && cp .dc[0-9]/* /tmp/dc/ 2>/dev/null
 if [ "$SITE" != none ] && [ ! -d "$SITE/vllm" ]; then
   mkdir -p "$SITE"
-  first=$(ls /tmp/dc1/site.part-aa .dc1/site.part-aa 2>/dev/null | head -1)
-  cat "$first" .dc2/site.part-a[b-z] | xz -d | tar -x -C "$SITE" || { echo "unpack failed"; exit 2; }
+  cat /tmp/dc/site.part-a* | xz -d | tar -x -C "$SITE" || { echo "unpack failed"; exit 2; }
 fi
-[ -f .dc2/cache.tar ] && tar -x -C /tmp/cc -f .dc2/cache.tar
+[ -f /tmp/dc/cache.tar ] && tar -x -C /tmp/cc -f /tmp/dc/cache.tar
 [ "$SITE" = none ] && SITE=
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=disabled CODERLPLUS_CACHE=/tmp/cc \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

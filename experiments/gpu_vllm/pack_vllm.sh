@@ -4,10 +4,15 @@
 #
 # The image has torch 2.11.0+cu130 and no vLLM; vllm==0.26.0 is the release pinned to that torch
 # and built for CUDA 13. Left out: the FlashAttention 2/3 and MoE kernels (fp32 models use the
-# Triton attention backend; FA is fp16/bf16 only), flashinfer, the Rust frontend binary, CUTLASS
-# headers, wandb (runs log to metrics.jsonl with WANDB_MODE=disabled).
+# Triton attention backend), flashinfer, the Rust frontend binary, CUTLASS headers, wandb (runs
+# log to metrics.jsonl with WANDB_MODE=disabled). FlashAttention 3 (Hopper) stays: vLLM's model
+# code imports vllm_flash_attn on CUDA, which needs FA2 or FA3 to load (FA2 is 4x its size).
 #
-#   bash experiments/gpu_vllm/pack_vllm.sh   # -> .dc1/site.part-aa, .dc2/site.part-ab, .dc2/cache.tar
+#   bash experiments/gpu_vllm/pack_vllm.sh   # -> .dc1/site.part-aa, .dc2/site.part-ab, ..., cache.tar in the last
+#
+# Each .dcN travels in its own call (carry: [".dcN"]) whose command copies it out of the tree:
+#   mkdir -p /tmp/dc && cp .dc*/* /tmp/dc/
+# and the last call runs device_run.sh (the machine must stay warm between calls: 30 s).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 W=${WORK:-/tmp/gpu_vllm_pack}
@@ -63,15 +68,18 @@ PY
 # 3. Unpack (a wheel unpacked is an installed package), strip, compress, split.
 cd "$W/site"
 for w in "$W"/whl/*.whl; do unzip -q -o "$w"; done
-rm -f vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so \
+rm -f vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so \
       vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
 rm -rf vllm/third_party/deep_gemm/include vllm/third_party/fmha_sm100/cutlass
 chmod -R u+rwX,go+rX .
 tar -cf - . | xz -T2 -6 > "$W/site.tar.xz"
-rm -rf "$ROOT/.dc1" "$ROOT/.dc2" && mkdir -p "$ROOT/.dc1" "$ROOT/.dc2"
-split -b 46M "$W/site.tar.xz" "$W/site.part-"
-mv "$W/site.part-aa" "$ROOT/.dc1/" && mv "$W"/site.part-a[b-z] "$ROOT/.dc2/"
+rm -rf "$ROOT"/.dc[0-9]
+split -b 50M "$W/site.tar.xz" "$W/site.part-"
+i=0
+for part in "$W"/site.part-*; do
+  i=$((i + 1)) && mkdir -p "$ROOT/.dc$i" && mv "$part" "$ROOT/.dc$i/"
+done
 # The embedded tiny model and TinyCode cache, so the GPU run does not rebuild them.
 C=${CODERLPLUS_CACHE:-$HOME/.cache/coderlplus}
-tar -C "$C" -cf "$ROOT/.dc2/cache.tar" tinycode checked "models/${MODEL_KEY:-tiny-84ae82b4e312}"
-ls -l "$ROOT/.dc1" "$ROOT/.dc2"
+tar -C "$C" -cf "$ROOT/.dc$i/cache.tar" tinycode checked "models/${MODEL_KEY:-tiny-84ae82b4e312}"
+ls -l "$ROOT"/.dc[0-9]
