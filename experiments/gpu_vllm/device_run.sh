@@ -25,6 +25,9 @@ fi
 [ "$SITE" = none ] && SITE=
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=disabled CODERLPLUS_CACHE=/tmp/cc \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# flashinfer is not packed (pack_vllm.sh); vLLM's GPU sampler imports it unless told not to use
+# its top-k/top-p kernels (a plain `pip install vllm` brings flashinfer and needs no such switch).
+export VLLM_USE_FLASHINFER_SAMPLER=0
 
 {
   echo "# GPU run $(date -u +%FT%TZ)"
@@ -50,7 +53,7 @@ vllm_ok=0
 for extra in "" "sampler.enforce_eager=true" "sampler.enforce_eager=true sampler.sleep_when_idle=false"; do
   [ "$(left)" -gt 150 ] || break
   # shellcheck disable=SC2086
-  if train vllm 240 sampler=vllm $extra; then vllm_ok=1; echo "vllm overrides: ${extra:-none}" >> "$OUT/summary.md"; break; fi
+  if train vllm 200 sampler=vllm $extra; then vllm_ok=1; echo "vllm overrides: ${extra:-none}" >> "$OUT/summary.md"; break; fi
   cp /tmp/runs/vllm.log "$OUT/vllm_failed_${#extra}.log"
 done
 [ "$vllm_ok" = 1 ] && cp /tmp/runs/vllm.log "$OUT/vllm.log"
