@@ -34,7 +34,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton, transformers, vllm; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)" 2>&1 | tail -1
-  echo "git $(git rev-parse --short HEAD 2>/dev/null) | $(nproc) CPU cores"
+  echo "$(nproc) CPU cores"
   echo '```'
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
