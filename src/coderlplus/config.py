@@ -86,6 +86,13 @@ class TrainerConfig:
     """torch CPU threads (None = torch's default)."""
     device: str = "auto"
     """cpu, cuda or auto."""
+    mixed_precision: str = "none"
+    """none, or bf16: the matrix multiplies of the policy, reference and critic passes (and of the
+    hf sampler's decoding) run in bfloat16 under ``torch.autocast``; parameters, gradients,
+    optimiser state, the LM head and the log-softmax stay fp32 (TRL's ``bf16=True``, verl's bf16
+    param dtype with fp32 reduce). ~2x faster GEMMs on GPUs and on CPUs with AVX512-BF16/AMX;
+    log-probs then differ from an fp32 run at bf16 precision. (fp16 would need loss scaling: not
+    offered.)"""
     progress: bool = True
     """Show a rich progress bar."""
 
@@ -100,6 +107,8 @@ class TrainerConfig:
             raise ConfigError(
                 f"trainer.resume={self.resume!r} is not a checkpoint folder; use false, auto or an existing path"
             )
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r}; choose none or bf16")
         for s in self.eval_splits:
             if s not in ("train", "validation", "test"):
                 raise ConfigError(f"trainer.eval_splits: unknown split {s!r}; use train, validation or test")

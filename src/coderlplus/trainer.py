@@ -469,7 +469,8 @@ class Trainer:
         tc, ac = self.cfg.trainer, self.cfg.algorithm
         t0 = time.perf_counter()
         tasks = self.next_tasks()[self.dist.rank :: self.dist.world]  # this rank's prompts
-        rollouts = self.sampler.generate(tasks, tc.group_size)
+        with self._amp():  # the hf sampler decodes under the passes' precision
+            rollouts = self.sampler.generate(tasks, tc.group_size)
         t1 = time.perf_counter()
         # The sandbox scores this rank's rollouts (in its own processes) while this process runs
         # the passes that do not need rewards: reference / old log-probs, critic values.
@@ -510,6 +511,12 @@ class Trainer:
             **self._sandbox_stats(),
         }
         return metrics
+
+    def _amp(self):
+        """The forward passes' autocast: bf16 matrix multiplies with ``trainer.mixed_precision=bf16``
+        (parameters, optimiser and log-softmax stay fp32), else a no-op."""
+        bf16 = self.cfg.trainer.mixed_precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _timed_reward(self, rollouts: list[Rollout]) -> tuple[list[RewardOutput], float]:
         t = time.perf_counter()
@@ -558,7 +565,8 @@ class Trainer:
         for s in range(0, len(ids_all), mb):
             ids = ids_all[s : s + mb].to(self.device)
             am = am_all[s : s + mb].to(self.device)
-            out.append(fn(ids, am, T).cpu())
+            with self._amp():
+                out.append(fn(ids, am, T).float().cpu())
         return self.dist.gather_rows(torch.cat(out), len(batch))
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor, step: int = 0) -> dict[str, float]:
@@ -621,19 +629,21 @@ class Trainer:
     def _micro_loss(self, sub: RolloutBatch, mini_mask: torch.Tensor, adv: torch.Tensor, T: int):
         """One micro-batch's loss (actor, plus critic if any), metrics, entropy and its weight in the mini-batch."""
         tc, ac = self.cfg.trainer, self.cfg.algorithm
-        logp, entropy = self.train_model(
-            sub.input_ids.to(self.device),
-            sub.attention_mask.to(self.device),
-            T,
-            self.cfg.sampler.temperature,
-            with_entropy=ac.entropy_coef > 0 or tc.log_entropy,
-            entropy_grad=ac.entropy_coef > 0,
-            kernels=self.cfg.kernels,
-        )
+        with self._amp():
+            logp, entropy = self.train_model(
+                sub.input_ids.to(self.device),
+                sub.attention_mask.to(self.device),
+                T,
+                self.cfg.sampler.temperature,
+                with_entropy=ac.entropy_coef > 0 or tc.log_entropy,
+                entropy_grad=ac.entropy_coef > 0,
+                kernels=self.cfg.kernels,
+            )
         sub = _to_device(sub, self.device)
         loss, m = self.algo.policy_loss(logp, sub, adv.to(self.device), ac, entropy=entropy)
         if self.critic is not None:  # one backward for both: a shared backbone gets both
-            values = self.critic_train(sub.input_ids, sub.attention_mask, T)  # (b, T)
+            with self._amp():
+                values = self.critic_train(sub.input_ids, sub.attention_mask, T).float()  # (b, T)
             critic_loss, cm = self.algo.critic_loss(values, sub, ac)
             loss, m = loss + critic_loss, m | cm
         return loss, m, entropy, micro_batch_weight(sub.response_mask, mini_mask, ac.loss_agg)
@@ -643,6 +653,10 @@ class Trainer:
         return self.dist.broadcast(self._evaluate(step) if self.dist.is_main else None)
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        with self._amp():
+            return self._evaluate_splits(step)
+
+    def _evaluate_splits(self, step: int) -> dict[str, float]:
         metrics = {}
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)

@@ -186,9 +186,16 @@ def sequence_logprobs(
             )
             hidden = out.last_hidden_state[:, -T - 1 : -1]  # (B, T, H): position j predicts token j+1
         hidden = hidden[real]  # (N, H)
-        out = logprobs_from_hidden(
-            hidden, head.weight, tokens, kc.backend, with_entropy, temperature, kc.chunk_size
-        )
+        with _full_precision(hidden):  # the LM head and log-softmax in fp32, also under autocast
+            out = logprobs_from_hidden(
+                hidden.to(head.weight.dtype),
+                head.weight,
+                tokens,
+                kc.backend,
+                with_entropy,
+                temperature,
+                kc.chunk_size,
+            )
     else:
         out = model(
             input_ids=input_ids,
@@ -198,7 +205,10 @@ def sequence_logprobs(
             use_cache=False,
         )
         logits = out.logits[:, :-1][real]  # (N, V)
-        out = logprobs_from_logits(logits, tokens, kc.backend, with_entropy, temperature, kc.chunk_size)
+        with _full_precision(logits):
+            out = logprobs_from_logits(
+                logits.float(), tokens, kc.backend, with_entropy, temperature, kc.chunk_size
+            )
     logp, entropy = out if with_entropy else (out, None)  # the reference skips an unused entropy
     full = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     logp = full.masked_scatter(real, logp)
@@ -242,6 +252,12 @@ def _shared_prefix_hidden(base, input_ids, attention_mask, position_ids, T: int)
     )
     first = out.last_hidden_state[inverse, -1:]  # (B, 1, H)
     return torch.cat([first, rest.last_hidden_state[:, :-1]], 1)
+
+
+def _full_precision(t: torch.Tensor):
+    """Autocast off on ``t``'s device (``trainer.mixed_precision=bf16`` runs the body's matrix
+    multiplies in bf16; the log-probs' LM head stays fp32, as the hf sampler's)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _has_softcap(model) -> bool:

@@ -85,8 +85,17 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ weights
 
-    def _weights(self) -> tuple[torch.Tensor, list[_Layer], torch.Tensor, torch.Tensor]:
+    def _weights(
+        self, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, list[_Layer], torch.Tensor, torch.Tensor]:
+        """The parameters the decoder reads; the projections' in ``dtype`` (a copy) when given —
+        autocast's matmul precision. Embedding, norms and LM head stay in the parameters' dtype."""
         m = self.model
+
+        def proj(*ws):
+            w = torch.cat(ws) if len(ws) > 1 else ws[0]
+            return w if dtype is None else w.to(dtype)
+
         layers = []
         for layer in m.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -94,12 +103,12 @@ class FastDecoder:
             layers.append(
                 _Layer(
                     norm1=layer.input_layernorm.weight,
-                    qkv_w=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]),
-                    qkv_b=None if biases[0] is None else torch.cat(biases),
-                    o_w=at.o_proj.weight,
+                    qkv_w=proj(at.q_proj.weight, at.k_proj.weight, at.v_proj.weight),
+                    qkv_b=None if biases[0] is None else proj(*biases),
+                    o_w=proj(at.o_proj.weight),
                     norm2=layer.post_attention_layernorm.weight,
-                    gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down_w=mlp.down_proj.weight,
+                    gate_up_w=proj(mlp.gate_proj.weight, mlp.up_proj.weight),
+                    down_w=proj(mlp.down_proj.weight),
                 )
             )
         return m.model.embed_tokens.weight, layers, m.model.norm.weight, m.lm_head.weight
@@ -125,7 +134,13 @@ class FastDecoder:
     def _forward(self, weights, ids, rotary, cache, start, key_mask):
         """Run tokens ``ids [B, L]`` (``rotary``: their cos/sin ``[B, L, 1, d]``) writing keys/values
         at cache slots ``start .. start+L``; attend to slots ``< start+L`` allowed by ``key_mask
-        [B, 1, L, S]``. Returns the last position's final hidden state ``[B, H]``."""
+        [B, 1, L, S]``. Returns the last position's final hidden state ``[B, H]``.
+
+        Under autocast the projections' weights come in its dtype (``_weights``) and their inputs
+        are cast to it, as autocast does; the residual stream, norms and rotary stay in the
+        parameters' dtype. Attention gets the inputs autocast would give it (rounded to the
+        projections' dtype) but computes in the parameters' dtype: for one query a bf16
+        ``scaled_dot_product_attention`` is ~6x slower than an fp32 one on a CPU."""
         embed, layers, final_norm, _ = weights
         B, L = ids.shape
         H, K, d = self.heads, self.kv_heads, self.head_dim
@@ -133,21 +148,22 @@ class FastDecoder:
         x = F.embedding(ids, embed)
         end = start + L
         for i, w in enumerate(layers):
-            qkv = F.linear(self._norm(x, w.norm1), w.qkv_w, w.qkv_b).view(B, L, H + 2 * K, d)
+            cd = w.qkv_w.dtype  # the matmuls' dtype
+            qkv = F.linear(self._norm(x, w.norm1).to(cd), w.qkv_w, w.qkv_b).view(B, L, H + 2 * K, d)
             qk = qkv[:, :, : H + K]  # queries and keys rotate together
             qk = qk * cos + qk.roll(d // 2, -1) * sin
             keys, values = cache[i]
-            keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            keys[:, :, start:end] = _round(qk[:, :, H:], cd).transpose(1, 2)
             values[:, :, start:end] = qkv[:, :, H + K :].transpose(1, 2)
             att = F.scaled_dot_product_attention(
-                qk[:, :, :H].transpose(1, 2),
+                _round(qk[:, :, :H], cd).transpose(1, 2),
                 keys[:, :, :end],
                 values[:, :, :end],
                 attn_mask=key_mask[..., :end],
                 enable_gqa=H != K,
             )
-            x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * d), w.o_w)
-            gate, up = F.linear(self._norm(x, w.norm2), w.gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * d).to(cd), w.o_w)
+            gate, up = F.linear(self._norm(x, w.norm2).to(cd), w.gate_up_w).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down_w)
         return self._norm(x[:, -1], final_norm)
 
@@ -170,9 +186,30 @@ class FastDecoder:
         Returns ``(tokens [U*n, T], logprobs [U*n, T])`` task-major, ``T <= max_new_tokens``;
         after a row's end-of-sequence token come ``pad_token_id`` and log-prob 0. Log-probs are
         ``log_softmax(logits / temperature)`` of the chosen token (raw logits when greedy),
-        before top-p truncation; sampling draws from torch's global RNG.
+        before top-p truncation; sampling draws from torch's global RNG. Under ``torch.autocast``
+        (``trainer.mixed_precision``) the projections run in its dtype, as in the trainer's passes.
         """
-        weights = self._weights()
+        device = self.model.model.embed_tokens.weight.device
+        amp = torch.is_autocast_enabled(device.type)
+        with torch.autocast(device.type, enabled=False):  # the casts are explicit below
+            return self._generate(
+                torch.get_autocast_dtype(device.type) if amp else None,
+                prompts, prompt_mask, n, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
+            )  # fmt: skip
+
+    def _generate(
+        self,
+        compute_dtype,
+        prompts,
+        prompt_mask,
+        n,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        temperature,
+        top_p,
+    ):
+        weights = self._weights(compute_dtype)
         device, dtype = weights[0].device, weights[0].dtype
         prompts, prompt_mask = prompts.to(device), prompt_mask.to(device).bool()
         U, P = prompts.shape
@@ -230,6 +267,11 @@ class FastDecoder:
             hidden = self._forward(weights, nxt[:, None], rotary, cache, P + t, key_mask)
             pos = pos + 1
         return tokens[:, :T], logps[:, :T]
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype``'s precision, kept in its own dtype."""
+    return t if t.dtype == dtype else t.to(dtype).to(t.dtype)
 
 
 def _draw(probs: torch.Tensor) -> torch.Tensor:
