@@ -217,9 +217,21 @@ def run_ours_before(model: str, steps: int, lr: float, beta: float) -> dict:
     return run_ours(model, steps, lr, beta, extra=BEFORE_FIXES)
 
 
-WORKERS = {"ours": run_ours, "ours-before": run_ours_before, "trl": run_trl, "trl-bf16": run_trl_bf16}
-# trl-bf16: TRL's default precision, for information; ours-before: ours without the fixes
-TRAINERS = ("trl", "ours", "ours-before", "trl-bf16")
+def run_ours_bf16(model: str, steps: int, lr: float, beta: float) -> dict:
+    return run_ours(model, steps, lr, beta, extra=("trainer.mixed_precision=bf16",))
+
+
+WORKERS = {
+    "ours": run_ours,
+    "ours-before": run_ours_before,
+    "ours-bf16": run_ours_bf16,
+    "trl": run_trl,
+    "trl-bf16": run_trl_bf16,
+}
+# trl-bf16: TRL's default precision (bf16 autocast), compared with ours-bf16 (the same);
+# ours-before: ours without the fixes
+TRAINERS = ("trl", "ours", "ours-before", "trl-bf16", "ours-bf16")
+SAME_PRECISION = {"ours": "trl", "ours-before": "trl", "ours-bf16": "trl-bf16"}
 
 
 def worker_main(args) -> int:
@@ -301,8 +313,8 @@ def main(argv=None) -> int:
 
 def report(results, args) -> str:
     lines = [
-        "| model | trainer | median s/step | steps timed | peak RSS MB | time / TRL fp32 |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | trainer | median s/step | steps timed | peak RSS MB | time / TRL fp32 | time / TRL, same precision |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     med = {}
     for name in args.models.split(","):
@@ -312,14 +324,16 @@ def report(results, args) -> str:
             med[name, trainer] = statistics.median(times)
             rss = max(r["peak_rss_mb"] for r in runs)
             ratio = f"{med[name, trainer] / med[name, 'trl']:.2f}" if trainer != "trl" else ""
+            base = SAME_PRECISION.get(trainer)
+            same = f"{med[name, trainer] / med[name, base]:.2f}" if base in TRAINERS else ""
             lines.append(
-                f"| {name} | {trainer} | {med[name, trainer]:.3f} | {len(times)} | {rss:.0f} | {ratio} |"
+                f"| {name} | {trainer} | {med[name, trainer]:.3f} | {len(times)} | {rss:.0f} | {ratio} | {same} |"
             )
     lines += ["", "Our step by phase (median seconds of the trainer's own `timing/*`):", ""]
     phases = ("sample_s", "logprob_s", "reward_s", "reward_wait_s", "update_s", "step_s")
     lines += ["| model | trainer | " + " | ".join(phases) + " |", "|---|---|" + "---:|" * len(phases)]
     for name in args.models.split(","):
-        for trainer in ("ours", "ours-before"):
+        for trainer in ("ours", "ours-before", "ours-bf16"):
             rows = [row for m, t, _, r in results if m == name and t == trainer for row in r["rows"][1:]]
             cells = [statistics.median(row.get(f"timing/{k}", 0.0) for row in rows) for k in phases]
             lines.append(f"| {name} | {trainer} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
@@ -348,7 +362,9 @@ def write_outputs(results, table: str) -> None:
             if name_ != name:
                 continue
             steps = range(1, len(r["rows"]) + 1)
-            style = {"ours": "-", "ours-before": "-.", "trl": "--", "trl-bf16": ":"}[trainer]
+            style = {"ours": "-", "ours-before": "-.", "ours-bf16": "-", "trl": "--", "trl-bf16": ":"}[
+                trainer
+            ]
             for j, key in enumerate(("reward", "loss")):
                 axes[i][j].plot(steps, [row.get(key) for row in r["rows"]], style, label=f"{trainer} #{rep}")
                 axes[i][j].set_title(f"{name}: {key}")
