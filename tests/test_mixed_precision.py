@@ -102,3 +102,17 @@ def test_mixed_precision_accepts_none_and_bf16_only():
     TrainerConfig(mixed_precision="bf16")
     with pytest.raises(ConfigError, match="mixed_precision"):
         TrainerConfig(mixed_precision="fp16")
+
+
+def test_bf16_ppo_step_trains_an_fp32_critic(tiny_model_dir, tmp_path):
+    overrides = [*SMOKE_LEARNS, "model=hf", f"model.path={tiny_model_dir}", "algorithm=ppo"]
+    trainer = Trainer(_resolved([*overrides, "trainer.mixed_precision=bf16"]), tmp_path)
+    head = trainer.critic.head.weight.detach().clone()
+    try:
+        m = trainer.train_step(1)
+    finally:
+        trainer.close()
+    assert trainer.critic.head.weight.dtype == torch.float32
+    assert not torch.equal(head, trainer.critic.head.weight), "the value head did not train"
+    for key in ("critic/vf_loss", "actor/pg_loss", "critic/grad_norm"):
+        assert torch.isfinite(torch.tensor(m[key])), key
