@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from coderlplus.sampler import HFSampler, HFSamplerConfig, SamplingParams
+from coderlplus.sampler import HFSampler, HFSamplerConfig, SamplingParams, fast_decode
 from coderlplus.sampler.fast_decode import FastDecoder, supports
 
 
@@ -146,3 +146,20 @@ def test_the_sampler_gives_the_same_greedy_rollouts_either_way(tiny_model):
     assert [r.finish_reason for r in fast] == [r.finish_reason for r in slow]
     for a, b in zip(fast, slow):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_prepacked_projections_give_the_unpacked_results(model, amp, monkeypatch):
+    """On a CPU the decode steps use oneDNN-prepacked weights (``_pack``; here for every size):
+    the same tokens, and log-probs to rounding, as plain ``F.linear``."""
+    ids, mask = _prompts(model.config.vocab_size, [6, 13], seed=7)
+    packed, plain = FastDecoder(model), FastDecoder(model, pack=False)
+    assert packed._weights(None, 4)[1][0].qkv.packed is None  # small weights: the plain kernel
+    monkeypatch.setattr(fast_decode, "_PACK_MIN", 0)
+    layer = packed._weights(torch.bfloat16 if amp else None, 4)[1][0]
+    assert layer.qkv.packed is not None and layer.down.packed is not None, "nothing was prepacked"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        a = packed.generate(ids, mask, 2, 20, -1, 0, temperature=0)
+        b = plain.generate(ids, mask, 2, 20, -1, 0, temperature=0)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-2 if amp else 1e-5, rtol=0)
