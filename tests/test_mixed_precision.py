@@ -116,3 +116,26 @@ def test_bf16_ppo_step_trains_an_fp32_critic(tiny_model_dir, tmp_path):
     assert not torch.equal(head, trainer.critic.head.weight), "the value head did not train"
     for key in ("critic/vf_loss", "actor/pg_loss", "critic/grad_norm"):
         assert torch.isfinite(torch.tensor(m[key])), key
+
+
+def test_bf16_reference_keeps_bf16_projections_and_the_same_log_probs(tiny_model_dir, tmp_path):
+    """The frozen reference stores its linear layers in bf16 under mixed precision: the numbers
+    autocast would compute from the fp32 weights, without the per-step casts."""
+    rc = _resolved(
+        [*SMOKE_LEARNS, "model=hf", f"model.path={tiny_model_dir}", "trainer.mixed_precision=bf16"]
+    )
+    trainer = Trainer(rc, tmp_path)
+    try:
+        ref = trainer.reference
+        assert ref.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+        assert (
+            ref.lm_head.weight.dtype == torch.float32 and ref.model.embed_tokens.weight.dtype == torch.float32
+        )
+        with trainer._amp():
+            rollouts = trainer.sampler.generate(trainer.next_tasks()[:4], 4)
+        batch = make_batch(rollouts, None, trainer.tokenizer.pad_token_id)
+        got = trainer._logprobs(ref, batch)
+        want = trainer._logprobs(trainer.policy, batch)  # still the reference's weights, in fp32
+    finally:
+        trainer.close()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

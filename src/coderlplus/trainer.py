@@ -181,6 +181,8 @@ class Trainer:
         self.reference = None
         if self.algo.needs_reference(cfg.algorithm):
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            if tc.mixed_precision == "bf16":
+                _bf16_projections(self.reference)
         # Actor-critic algorithms (PPO) train a value model beside the policy, with its own optimiser.
         self.critic = self.algo.make_critic(self.policy, cfg.algorithm)
         # every rank samples its own prompts: its own sampling seed (rank 0's is the single-process one)
@@ -844,6 +846,18 @@ def _merge_ranks(
         scores += rank_scores
         offset += len(ids)
     return rollouts, scores
+
+
+def _bf16_projections(model: torch.nn.Module) -> None:
+    """The frozen reference under ``trainer.mixed_precision=bf16``: its linear layers stored in
+    bf16, which is what autocast casts them to at every pass — the same numbers without a cast of
+    every weight per step. The output head (the log-probs' fp32 LM head) and the embedding it may
+    share stay as they are."""
+    head = model.get_output_embeddings()
+    keep = {id(p) for p in head.parameters()} if head is not None else set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not any(id(p) in keep for p in m.parameters()):
+            m.to(torch.bfloat16)
 
 
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

@@ -144,8 +144,14 @@ class FastDecoder:
         m = self.model
 
         def w_of(*ws):
-            w = torch.cat(ws) if len(ws) > 1 else ws[0]
-            return w if dtype is None else w.to(dtype)
+            if dtype is None or dtype == ws[0].dtype:
+                return torch.cat(ws) if len(ws) > 1 else ws[0]
+            out = torch.empty(sum(len(w) for w in ws), *ws[0].shape[1:], dtype=dtype, device=ws[0].device)
+            start = 0
+            for w in ws:  # cast while concatenating: one pass over the weights
+                out[start : start + len(w)].copy_(w)
+                start += len(w)
+            return out
 
         def proj(*ws, bias=None):
             return _Proj(w_of(*ws), bias, rows, self.pack)
