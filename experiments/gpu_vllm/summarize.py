@@ -15,18 +15,20 @@ import statistics
 import sys
 from pathlib import Path
 
+from coderlplus.analysis import load_runs
+
 PHASES = ["timing/step_s", "timing/sample_s", "timing/logprob_s", "timing/update_s", "timing/reward_wait_s"]
 
 
 def load(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "timing/step_s" in r]
-    out = {"name": run.name, "steps": len(train)}
-    later = train[1:] or train
+    (metrics,) = load_runs(run)
+    steps, _ = metrics.curve("timing/step_s")  # the training rows
+    out = {"name": run.name, "steps": len(steps)}
     for key in PHASES:
-        vals = [r[key] for r in later if key in r]
+        _, vals = metrics.curve(key)
+        vals = vals[1:] or vals
         out[key] = statistics.median(vals) if vals else float("nan")
-    rewards = [r["reward/mean"] for r in train if "reward/mean" in r]
+    _, rewards = metrics.curve("reward/mean")
     out["reward_first5"] = statistics.mean(rewards[:5]) if rewards else float("nan")
     out["reward_last5"] = statistics.mean(rewards[-5:]) if rewards else float("nan")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}

@@ -652,13 +652,10 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy pass@1 per eval split (and held-out alignment accuracy); rank 0 evaluates, all get it."""
-        return self.dist.broadcast(self._evaluate(step) if self.dist.is_main else None)
+        with self._amp():  # the hf sampler decodes under the passes' precision
+            return self.dist.broadcast(self._evaluate(step) if self.dist.is_main else None)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        with self._amp():
-            return self._evaluate_splits(step)
-
-    def _evaluate_splits(self, step: int) -> dict[str, float]:
         metrics = {}
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)

@@ -255,84 +255,68 @@ class FastDecoder:
         (``trainer.mixed_precision``) the projections run in its dtype, as in the trainer's passes.
         """
         device = self.model.model.embed_tokens.weight.device
-        amp = torch.is_autocast_enabled(device.type)
-        with torch.autocast(device.type, enabled=False):  # the casts are explicit below
-            return self._generate(
-                torch.get_autocast_dtype(device.type) if amp else None,
-                prompts, prompt_mask, n, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
-            )  # fmt: skip
-
-    def _generate(
-        self,
-        compute_dtype,
-        prompts,
-        prompt_mask,
-        n,
-        max_new_tokens,
-        eos_token_id,
-        pad_token_id,
-        temperature,
-        top_p,
-    ):
-        U, n_rows = prompts.shape[0], prompts.shape[0] * n
-        weights = self._weights(compute_dtype, n_rows)
-        device, dtype = weights[0].device, weights[0].dtype
-        prompts, prompt_mask = prompts.to(device), prompt_mask.to(device).bool()
-        P = prompts.shape[1]
-        B, S = U * n, P + max_new_tokens
-        K, d = self.kv_heads, self.head_dim
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cos_t, sin_t = self._rotary_tables(S, dtype, device)
-        # prefill each distinct prompt once: causal, real keys only (each slot also sees itself,
-        # so padding rows stay finite)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal & prompt_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
-        small = [
-            (
-                torch.empty(U, K, P, d, dtype=dtype, device=device),
-                torch.empty(U, K, P, d, dtype=dtype, device=device),
-            )
-            for _ in weights[1]
-        ]
-        rotary = (cos_t[positions][:, :, None], sin_t[positions][:, :, None])
-        hidden = self._forward(weights, prompts, rotary, small, 0, mask[:, None])
-        cache = []
-        for keys, values in small:
-            big_k = torch.empty(B, K, S, d, dtype=dtype, device=device)
-            big_v = torch.empty(B, K, S, d, dtype=dtype, device=device)
-            big_k[:, :, :P] = keys.repeat_interleave(n, dim=0)
-            big_v[:, :, :P] = values.repeat_interleave(n, dim=0)
-            cache.append((big_k, big_v))
-        hidden = hidden.repeat_interleave(n, dim=0)  # (B, H)
-        key_mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=device)
-        key_mask[:, 0, 0, :P] = prompt_mask.repeat_interleave(n, dim=0)
-        pos = positions[:, -1].repeat_interleave(n, dim=0) + 1  # (B,) next position
-        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        lm_head = weights[3]
-        T = 0
-        for t in range(max_new_tokens):
-            logits = lm_head(hidden).float()  # (B, V)
-            if temperature > 0:
-                logits = logits / temperature
-            logp = torch.log_softmax(logits, dim=-1)
-            if temperature > 0:
-                nxt = _draw(_top_p(logits, top_p).softmax(-1))
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, pad_token_id, nxt)
-            tokens[:, t] = nxt
-            logps[:, t] = torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
-            done |= nxt == eos_token_id
-            T = t + 1
-            if t + 1 == max_new_tokens or bool(done.all()):
-                break
-            key_mask[:, 0, 0, P + t] = True
-            rotary = (cos_t[pos][:, None, None], sin_t[pos][:, None, None])
-            hidden = self._forward(weights, nxt[:, None], rotary, cache, P + t, key_mask)
-            pos = pos + 1
-        return tokens[:, :T], logps[:, :T]
+        compute_dtype = (
+            torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        )
+        U, P = prompts.shape
+        with torch.autocast(device.type, enabled=False):  # the casts are explicit (see _forward)
+            weights = self._weights(compute_dtype, U * n)
+            dtype = weights[0].dtype
+            prompts, prompt_mask = prompts.to(device), prompt_mask.to(device).bool()
+            B, S = U * n, P + max_new_tokens
+            K, d = self.kv_heads, self.head_dim
+            positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+            cos_t, sin_t = self._rotary_tables(S, dtype, device)
+            # prefill each distinct prompt once: causal, real keys only (each slot also sees itself,
+            # so padding rows stay finite)
+            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+            mask = (causal & prompt_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+            small = [
+                (
+                    torch.empty(U, K, P, d, dtype=dtype, device=device),
+                    torch.empty(U, K, P, d, dtype=dtype, device=device),
+                )
+                for _ in weights[1]
+            ]
+            rotary = (cos_t[positions][:, :, None], sin_t[positions][:, :, None])
+            hidden = self._forward(weights, prompts, rotary, small, 0, mask[:, None])
+            cache = []
+            for keys, values in small:
+                big_k = torch.empty(B, K, S, d, dtype=dtype, device=device)
+                big_v = torch.empty(B, K, S, d, dtype=dtype, device=device)
+                big_k[:, :, :P] = keys.repeat_interleave(n, dim=0)
+                big_v[:, :, :P] = values.repeat_interleave(n, dim=0)
+                cache.append((big_k, big_v))
+            hidden = hidden.repeat_interleave(n, dim=0)  # (B, H)
+            key_mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=device)
+            key_mask[:, 0, 0, :P] = prompt_mask.repeat_interleave(n, dim=0)
+            pos = positions[:, -1].repeat_interleave(n, dim=0) + 1  # (B,) next position
+            tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+            logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            lm_head = weights[3]
+            T = 0
+            for t in range(max_new_tokens):
+                logits = lm_head(hidden).float()  # (B, V)
+                if temperature > 0:
+                    logits = logits / temperature
+                logp = torch.log_softmax(logits, dim=-1)
+                if temperature > 0:
+                    nxt = _draw(_top_p(logits, top_p).softmax(-1))
+                else:
+                    nxt = logits.argmax(-1)
+                nxt = torch.where(done, pad_token_id, nxt)
+                tokens[:, t] = nxt
+                logps[:, t] = torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
+                done |= nxt == eos_token_id
+                T = t + 1
+                if t + 1 == max_new_tokens or bool(done.all()):
+                    break
+                key_mask[:, 0, 0, P + t] = True
+                rotary = (cos_t[pos][:, None, None], sin_t[pos][:, None, None])
+                hidden = self._forward(weights, nxt[:, None], rotary, cache, P + t, key_mask)
+                pos = pos + 1
+            return tokens[:, :T], logps[:, :T]
 
 
 def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
