@@ -1,5 +1,7 @@
 """Log-probs with each distinct prompt computed once (``kernels.shared_prefix``) against one
-full forward per row: the same values and the same gradients, with fewer tokens through the model."""
+full forward per row: the same values and the same gradients, with fewer tokens through the model.
+These run the ``transformers`` forward (``lean_forward=False``); ``test_lean_forward.py`` covers the
+lean one, which shares prompts the same way."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def model(request, tiny_model):
 
 def _logp_and_grads(model, ids, am, T, shared, backend="chunked", temperature=1.0):
     model.zero_grad(set_to_none=True)
-    kc = KernelsConfig(backend=backend, shared_prefix=shared)
+    kc = KernelsConfig(backend=backend, shared_prefix=shared, lean_forward=False)
     logp, entropy = sequence_logprobs(
         model, ids, am, T, temperature, with_entropy=True, entropy_grad=True, kernels=kc
     )
@@ -84,10 +86,14 @@ def test_each_prompt_goes_through_the_model_once(model):
     hook = model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
     try:
         with torch.no_grad():
-            sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(shared_prefix=True))
+            sequence_logprobs(
+                model, ids, am, T, kernels=KernelsConfig(shared_prefix=True, lean_forward=False)
+            )
             shared = list(seen)
             seen.clear()
-            sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(shared_prefix=False))
+            sequence_logprobs(
+                model, ids, am, T, kernels=KernelsConfig(shared_prefix=False, lean_forward=False)
+            )
     finally:
         hook.remove()
     P, B = max(lens), len(lens) * n
@@ -102,7 +108,9 @@ def test_rows_with_distinct_prompts_take_the_plain_forward(model):
     hook = model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
     try:
         with torch.no_grad():
-            sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(shared_prefix=True))
+            sequence_logprobs(
+                model, ids, am, T, kernels=KernelsConfig(shared_prefix=True, lean_forward=False)
+            )
     finally:
         hook.remove()
     assert seen == [ids.shape]

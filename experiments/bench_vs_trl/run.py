@@ -81,9 +81,14 @@ def make_25m_model(tiny_dir: str, out: Path) -> str:
 
 
 # The fixes issue 11's profile pointed to, switched off: `ours-before` is our trainer without them
-# (sampling through model.generate, one forward per row, torch's default AdamW loop). The reward
+# (sampling through model.generate, one transformers forward per row, torch's default AdamW loop). The reward
 # overlapping the no-grad passes has no switch.
-BEFORE_FIXES = ("sampler.fast_decode=false", "kernels.shared_prefix=false", "optim.fused=false")
+BEFORE_FIXES = (
+    "sampler.fast_decode=false",
+    "kernels.shared_prefix=false",
+    "kernels.lean_forward=false",
+    "optim.fused=false",
+)
 
 
 def run_ours(model: str, steps: int, lr: float, beta: float, extra: tuple[str, ...] = ()) -> dict:

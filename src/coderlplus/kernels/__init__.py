@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coderlplus.kernels import chunked
+from coderlplus.kernels import chunked, lean_forward
 from coderlplus.ops.logprobs import entropy_from_logits, upcast
 from coderlplus.ops.logprobs import logprobs_from_logits as _ref_logprobs
 from coderlplus.registry import ConfigError
@@ -45,6 +45,11 @@ class KernelsConfig:
     attend to that one copy of its keys/values (GRPO's n samples of a prompt share it): the same
     log-probs and gradients as one forward per row, with ``n - 1`` of ``n`` prompt copies not
     computed. Applies on the ``linear`` path of models with a plain (non-sliding) KV cache."""
+    lean_forward: bool = True
+    """Qwen2/Llama models (not sharded, no gradient checkpointing) run the log-prob passes through
+    ``kernels/lean_forward.py``: the model's own modules on one token matrix (distinct prompts,
+    then responses), one matrix multiply per projection instead of the ``transformers`` forward
+    (two with ``shared_prefix``). The same log-probs and gradients; other models ignore it."""
 
     def __post_init__(self):
         if self.backend not in (*BACKENDS, "auto"):
@@ -178,7 +183,9 @@ def sequence_logprobs(
     linear = kc.linear and getattr(head, "bias", None) is None and not _has_softcap(model)
     if linear:
         hidden = None
-        if kc.shared_prefix:
+        if kc.lean_forward and lean_forward.supports(model) is None:
+            hidden = lean_forward.response_hidden(model, input_ids, attention_mask, T, share=kc.shared_prefix)
+        elif kc.shared_prefix:
             hidden = _shared_prefix_hidden(model.base_model, input_ids, attention_mask, position_ids, T)
         if hidden is None:
             out = model.base_model(

@@ -1,0 +1,149 @@
+"""A lean teacher-forced forward for Llama-family models (Qwen2, Llama): the trainer's log-prob
+passes (``kernels.lean_forward``), the training-side sibling of ``sampler/fast_decode.py``.
+
+Why: the log-prob passes (reference, old policy, the update's forward and backward) run the
+``transformers`` forward, which builds its masks and cache objects per call, and with
+``kernels.shared_prefix`` runs twice per pass (the distinct prompts, then the responses against
+their cached keys/values): every projection is then two matrix multiplies forward and two more
+backward, and every weight gradient is two products summed. This forward calls the same
+modules (norms, projections, rotary embedding: LoRA-style wrappers of a projection stay in
+effect) on one token matrix — each distinct prompt once followed by every response — so each
+projection is one matrix multiply over all of a micro-batch's tokens. Only attention is split:
+
+- prompts attend causally among their own real tokens;
+- responses attend to their prompt's keys/values (gathered per row: gradients of all of a
+  prompt's rows meet in its one copy) and causally to their own.
+
+The same maths as ``transformers``' forward (``tests/test_lean_forward.py``: log-probs and every
+parameter's gradient against it, Qwen2 and Llama, shared and distinct prompts). Under CPU
+autocast (``trainer.mixed_precision=bf16``) attention computes in fp32 on inputs rounded to the
+autocast dtype, as the lean decoder does: a bf16 ``scaled_dot_product_attention`` is 2-6x slower
+than an fp32 one on a CPU (backward measured 5.2 vs 2.1 ms for a 25M model's response block);
+on a GPU attention runs in the autocast dtype as ``transformers`` runs it.
+
+Only what it reproduces is accepted (``supports``): the lean decoder's architectures, and in
+training no attention dropout, no gradient checkpointing and no sharded (FSDP2) parameters —
+those take the ``transformers`` forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from coderlplus.sampler import fast_decode
+
+
+def supports(model) -> str | None:
+    """None when ``model`` (a ``*ForCausalLM``) can take the lean forward, else the reason."""
+    reason = fast_decode.supports(model)
+    if reason is not None:
+        return reason
+    if model.training and getattr(model.config, "attention_dropout", 0.0):
+        return "attention dropout in training"
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing"
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return "sharded (DTensor) parameters: the modules gather them in their own forward"
+    return None
+
+
+def response_hidden(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, share: bool = True
+) -> torch.Tensor | None:
+    """The final hidden states that predict each response token, ``[B, T, H]``: position ``P - 1``
+    of a row's prompt predicts its first response token, response position ``j`` the token
+    ``j + 1``. None when there is no prompt (the caller takes the full forward).
+
+    input_ids, attention_mask: ``[B, P+T]``, prompts left-padded, responses right-padded.
+    ``share``: compute each distinct (prompt, mask) once (``kernels.shared_prefix``); else every
+    row's prompt is its own."""
+    T = response_len
+    B, P = input_ids.shape[0], input_ids.shape[1] - T
+    if P <= 0:
+        return None
+    base = model.base_model
+    cfg = model.config
+    H = cfg.num_attention_heads
+    Kh = getattr(cfg, "num_key_value_heads", None) or H
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    device = input_ids.device
+    if share:
+        prompts, inverse = torch.unique(
+            torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True
+        )
+        p_ids, p_mask = prompts[:, :P], prompts[:, P:].bool()
+    else:
+        p_ids, p_mask = input_ids[:, :P], attention_mask[:, :P].bool()
+        inverse = torch.arange(B, device=device)
+    U, NP = len(p_ids), len(p_ids) * P
+    r_mask = attention_mask[:, P:].bool()
+
+    # masks; every query also sees itself, so padding rows stay finite (their outputs reach no
+    # real token: real queries never see a padding key)
+    eye_p, eye_r = (
+        torch.eye(P, dtype=torch.bool, device=device),
+        torch.eye(T, dtype=torch.bool, device=device),
+    )
+    causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask_p = ((causal_p & p_mask[:, None, :]) | eye_p)[:, None]  # [U, 1, P, P]
+    causal_r = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    own = (causal_r & r_mask[:, None, :]) | eye_r  # [B, T, T]
+    mask_r = torch.cat([p_mask[inverse][:, None, :].expand(B, T, P), own], -1)[:, None]  # [B,1,T,P+T]
+
+    x = base.embed_tokens(torch.cat([p_ids.reshape(-1), input_ids[:, P:].reshape(-1)]))  # [N, hidden]
+    p_pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)
+    r_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+    cos_p, sin_p = (t[:, :, None] for t in base.rotary_emb(x, p_pos))  # [U, P, 1, d]
+    cos_r, sin_r = (t[:, :, None] for t in base.rotary_emb(x, r_pos))  # [B, T, 1, d]
+    attend = _attention(device, gqa=Kh != H)
+
+    def heads(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:NP].view(U, P, n, d), t[NP:].view(B, T, n, d)
+
+    for layer in base.layers:
+        at = layer.self_attn
+        h = layer.input_layernorm(x)
+        (qp, qr), (kp, kr), (vp, vr) = (
+            heads(at.q_proj(h), H),
+            heads(at.k_proj(h), Kh),
+            heads(at.v_proj(h), Kh),
+        )
+        qp, kp = _rotate(qp, cos_p, sin_p), _rotate(kp, cos_p, sin_p)
+        qr, kr = _rotate(qr, cos_r, sin_r), _rotate(kr, cos_r, sin_r)
+        kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # [U, Kh, P, d]
+        out_p = attend(qp.transpose(1, 2), kp, vp, mask_p)  # [U, H, P, d]
+        keys = torch.cat([kp[inverse], kr.transpose(1, 2)], 2)  # [B, Kh, P+T, d]
+        values = torch.cat([vp[inverse], vr.transpose(1, 2)], 2)
+        out_r = attend(qr.transpose(1, 2), keys, values, mask_r)  # [B, H, T, d]
+        att = torch.cat(
+            [out_p.transpose(1, 2).reshape(NP, H * d), out_r.transpose(1, 2).reshape(B * T, H * d)]
+        )
+        x = x + at.o_proj(att)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    first = x[:NP].view(U, P, -1)[inverse, -1:]  # [B, 1, hidden]
+    return base.norm(torch.cat([first, x[NP:].view(B, T, -1)[:, :-1]], 1))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``transformers``' ``apply_rotary_pos_emb`` for one tensor: ``x*cos + rotate_half(x)*sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _attention(device: torch.device, gqa: bool):
+    """``scaled_dot_product_attention`` as the model's forward runs it; under CPU autocast in fp32
+    on inputs rounded to the autocast dtype (see the module doc)."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    low = torch.get_autocast_dtype("cpu")
+
+    def attend(q, k, v, mask):
+        q, k, v = (t.to(low).float() for t in (q, k, v))
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    return attend
+
+
+__all__ = ["response_hidden", "supports"]

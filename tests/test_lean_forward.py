@@ -1,0 +1,125 @@
+"""The lean log-prob forward (``kernels.lean_forward``) against the ``transformers`` forward: the
+same log-probs, entropies and parameter gradients, every projection run once over all tokens,
+and the models it must refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_shared_prefix import _batch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from coderlplus.kernels import KernelsConfig, lean_forward, sequence_logprobs
+
+
+def _llama(**kw):
+    torch.manual_seed(3)
+    kw = {"num_key_value_heads": 2, **kw}
+    cfg = LlamaConfig(
+        vocab_size=200, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, **kw,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(params=["qwen2-test-model", "llama-random", "llama-mha-bias"])
+def model(request, tiny_model):
+    if request.param == "qwen2-test-model":
+        m = tiny_model[0]
+    elif request.param == "llama-random":
+        m = _llama()
+    else:  # no grouped queries, biased projections
+        m = _llama(num_key_value_heads=4, attention_bias=True)
+    m.train()
+    yield m
+    m.zero_grad(set_to_none=True)
+    m.eval()
+
+
+def _run(model, ids, am, T, kc: KernelsConfig, temperature=0.8):
+    model.zero_grad(set_to_none=True)
+    logp, entropy = sequence_logprobs(
+        model, ids, am, T, temperature, with_entropy=True, entropy_grad=True, kernels=kc
+    )
+    weights = torch.linspace(0.2, 1.0, T)
+    ((logp * weights).sum() + 0.1 * entropy.sum()).backward()
+    return logp.detach(), entropy.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_same_logprobs_and_gradients_as_the_transformers_forward(model, share):
+    assert lean_forward.supports(model) is None
+    T = 9
+    ids, am = _batch(model.config.vocab_size, [7, 12, 3], n=3, T=T, seed=5)
+    lean = _run(model, ids, am, T, KernelsConfig(lean_forward=True, shared_prefix=share))
+    plain = _run(model, ids, am, T, KernelsConfig(lean_forward=False, shared_prefix=False))
+    mask = am[:, -T:].bool()
+    for got, ref in zip(lean[:2], plain[:2], strict=True):
+        torch.testing.assert_close(got[mask], ref[mask], atol=2e-5, rtol=0)
+        assert float(got[~mask].abs().max()) == 0.0  # padding gets 0
+    for name, g in plain[2].items():
+        assert float(g.abs().max()) > 0, name  # every parameter is trained through the lean path
+        torch.testing.assert_close(lean[2][name], g, atol=1e-5 * float(g.abs().max()) + 1e-7, rtol=0)
+
+
+def test_each_projection_runs_once_over_prompts_then_responses(model):
+    T, n, lens = 6, 4, [9, 5]
+    ids, am = _batch(model.config.vocab_size, lens, n=n, T=T, seed=1)
+    rows = []
+    q_proj = model.model.layers[0].self_attn.q_proj
+    hook = q_proj.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    try:
+        with torch.no_grad():
+            for share in (True, False):
+                sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(shared_prefix=share))
+    finally:
+        hook.remove()
+    P, B = max(lens), len(lens) * n
+    assert rows == [len(lens) * P + B * T, B * P + B * T]  # one call each: 2 prompts (or 8) + 8 responses
+
+
+def test_under_cpu_autocast_close_to_the_transformers_autocast_pass(model):
+    T = 8
+    ids, am = _batch(model.config.vocab_size, [6, 10], n=4, T=T, seed=2)
+    mask = am[:, -T:].bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lean, _ = sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(lean_forward=True))
+        hf, _ = sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(lean_forward=False))
+    with torch.no_grad():
+        full, _ = sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(lean_forward=True))
+    diff = (lean - hf)[mask].abs()
+    assert float(diff.max()) < 0.06 and float(diff.mean()) < 0.01
+    assert float((lean - full)[mask].abs().max()) > 0  # the matrix multiplies did run in bf16
+    # gradients flow through the bf16-rounded attention inputs to fp32 parameters
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(lean_forward=True))
+    lp.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_models_it_cannot_reproduce_take_the_transformers_forward():
+    m = _llama(attention_dropout=0.1)
+    m.train()
+    assert "dropout" in lean_forward.supports(m)
+    m.eval()
+    assert lean_forward.supports(m) is None  # dropout is off in evaluation
+    m.gradient_checkpointing_enable()
+    assert "checkpointing" in lean_forward.supports(m)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    assert "model_type" in lean_forward.supports(gpt2)
+    m = _llama(attention_dropout=0.1)  # the refused model still gets its log-probs (the HF path)
+    m.train()
+    ids, am = _batch(m.config.vocab_size, [5, 4], n=2, T=4, seed=3)
+    torch.manual_seed(0)
+    a, _ = sequence_logprobs(m, ids, am, 4, kernels=KernelsConfig(lean_forward=True))
+    torch.manual_seed(0)
+    b, _ = sequence_logprobs(m, ids, am, 4, kernels=KernelsConfig(lean_forward=False))
+    torch.testing.assert_close(a, b)  # same dropout draws: the same path
+
+
+def test_no_prompt_columns_fall_back():
+    m = _llama()
+    ids = torch.randint(3, 200, (2, 5))
+    assert lean_forward.response_hidden(m, ids, torch.ones_like(ids), 5) is None
