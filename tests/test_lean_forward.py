@@ -41,7 +41,7 @@ def _run(model, ids, am, T, kc: KernelsConfig, temperature=0.8):
     logp, entropy = sequence_logprobs(
         model, ids, am, T, temperature, with_entropy=True, entropy_grad=True, kernels=kc
     )
-    weights = torch.linspace(0.2, 1.0, T)
+    weights = torch.linspace(0.2, 1.0, T, device=logp.device)
     ((logp * weights).sum() + 0.1 * entropy.sum()).backward()
     return logp.detach(), entropy.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
@@ -123,3 +123,27 @@ def test_no_prompt_columns_fall_back():
     m = _llama()
     ids = torch.randint(3, 200, (2, 5))
     assert lean_forward.response_hidden(m, ids, torch.ones_like(ids), 5) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gpu_same_logprobs_and_gradients_as_the_transformers_forward(amp):
+    """On CUDA attention runs in the autocast dtype, as ``transformers`` runs it."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m = _llama(attention_bias=True).cuda().train()
+        T = 9
+        ids, am = (t.cuda() for t in _batch(m.config.vocab_size, [7, 12, 3], n=3, T=T, seed=5))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            lean = _run(m, ids, am, T, KernelsConfig(lean_forward=True))
+            plain = _run(m, ids, am, T, KernelsConfig(lean_forward=False, shared_prefix=False))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    mask = am[:, -T:].bool()
+    tol = 0.06 if amp else 2e-5
+    torch.testing.assert_close(lean[0][mask], plain[0][mask], atol=tol, rtol=0)
+    for name, g in plain[2].items():
+        scale = float(g.abs().max())
+        torch.testing.assert_close(lean[2][name], g, atol=(0.05 if amp else 1e-5) * scale + 1e-7, rtol=0)
