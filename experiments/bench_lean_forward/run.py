@@ -3,6 +3,7 @@ shared prefix, side by side in one process: milliseconds per no-grad pass and pe
 backward, fp32 and bf16 autocast, on a random Qwen2 model (no download).
 
     OMP_NUM_THREADS=1 python experiments/bench_lean_forward/run.py               # CPU, the 25M shape
+    OMP_NUM_THREADS=1 python experiments/bench_lean_forward/run.py --model DIR   # a model folder
     python experiments/bench_lean_forward/run.py --device cuda --size 0.5b       # a GPU, Qwen2.5-0.5B's shape
 
 Prints a markdown table (median of --repeats, alternating the two paths) with the machine.
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default="25m")
+    ap.add_argument("--model", help="a model folder instead of --size (e.g. the embedded tiny model)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=55)
@@ -67,7 +69,12 @@ def main(argv=None) -> int:
     if dev.type == "cpu":
         torch.set_num_threads(1)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = build(args.size, args.device)
+    if args.model:
+        from coderlplus.models.hf import load_causal_lm
+
+        model = load_causal_lm(args.model)[0].to(dev).train()
+    else:
+        model = build(args.size, args.device)
     ids, mask = batch(model.config.vocab_size, args.prompts, args.n, args.prompt_len, args.response_len, dev)
     T = args.response_len
     rows = []
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
             )
     name = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu"
     print(
-        f"{args.size} Qwen2 (random weights), {args.prompts} prompts x {args.n} samples, prompt <= "
+        f"{args.model or args.size + ' Qwen2 (random weights)'}, {args.prompts} prompts x {args.n} samples, prompt <= "
         f"{args.prompt_len}, response <= {T} tokens; {name}, torch {torch.__version__}; median of {args.repeats}\n"
     )
     print("| precision | pass | transformers ms | lean ms | lean / transformers |\n|---|---|---:|---:|---:|")

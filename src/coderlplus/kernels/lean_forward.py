@@ -7,8 +7,10 @@ Why: the log-prob passes (reference, old policy, the update's forward and backwa
 their cached keys/values): every projection is then two matrix multiplies forward and two more
 backward, and every weight gradient is two products summed. This forward calls the same
 modules (norms, projections, rotary embedding: LoRA-style wrappers of a projection stay in
-effect) on one token matrix — each distinct prompt once followed by every response — so each
-projection is one matrix multiply over all of a micro-batch's tokens. Only attention is split:
+effect) on one token matrix — each distinct prompt once followed by every response, real
+tokens only (left padding of prompts and right padding of responses left out, as verl's
+``use_remove_padding``) — so each projection is one matrix multiply over exactly the tokens that
+count. Only attention is split, in the padded layout (real tokens spread back, zeros elsewhere):
 
 - prompts attend causally among their own real tokens;
 - responses attend to their prompt's keys/values (gathered per row: gradients of all of a
@@ -91,7 +93,13 @@ def response_hidden(
     own = (causal_r & r_mask[:, None, :]) | eye_r  # [B, T, T]
     mask_r = torch.cat([p_mask[inverse][:, None, :].expand(B, T, P), own], -1)[:, None]  # [B,1,T,P+T]
 
-    x = base.embed_tokens(torch.cat([p_ids.reshape(-1), input_ids[:, P:].reshape(-1)]))  # [N, hidden]
+    # padding-free: projections and MLP see only real tokens; attention gets them spread back to
+    # the padded [rows, length] layout (zeros at padding, which no real query sees)
+    ids = torch.cat([p_ids.reshape(-1), input_ids[:, P:].reshape(-1)])  # [N]
+    real = torch.cat([p_mask.reshape(-1), r_mask.reshape(-1)])
+    keep = None if bool(real.all()) else real.nonzero().squeeze(1)
+    N = len(ids)
+    x = base.embed_tokens(ids if keep is None else ids[keep])  # [N real, hidden]
     p_pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)
     r_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
     cos_p, sin_p = (t[:, :, None] for t in base.rotary_emb(x, p_pos))  # [U, P, 1, d]
@@ -99,6 +107,8 @@ def response_hidden(
     attend = _attention(device, gqa=Kh != H)
 
     def heads(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if keep is not None:
+            t = t.new_zeros(N, t.shape[1]).index_copy(0, keep, t)
         return t[:NP].view(U, P, n, d), t[NP:].view(B, T, n, d)
 
     for layer in base.layers:
@@ -119,8 +129,10 @@ def response_hidden(
         att = torch.cat(
             [out_p.transpose(1, 2).reshape(NP, H * d), out_r.transpose(1, 2).reshape(B * T, H * d)]
         )
-        x = x + at.o_proj(att)
+        x = x + at.o_proj(att if keep is None else att[keep])
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if keep is not None:
+        x = x.new_zeros(N, x.shape[1]).index_copy(0, keep, x)
     first = x[:NP].view(U, P, -1)[inverse, -1:]  # [B, 1, hidden]
     return base.norm(torch.cat([first, x[NP:].view(B, T, -1)[:, :-1]], 1))
 
