@@ -48,8 +48,9 @@ class KernelsConfig:
     lean_forward: bool = True
     """Qwen2/Llama models (not sharded, no gradient checkpointing) run the log-prob passes through
     ``kernels/lean_forward.py``: the model's own modules on one token matrix (distinct prompts,
-    then responses), one matrix multiply per projection instead of the ``transformers`` forward
-    (two with ``shared_prefix``). The same log-probs and gradients; other models ignore it."""
+    then responses, padding left out), one matrix multiply per projection over the real tokens
+    instead of the ``transformers`` forward (two over padded rows with ``shared_prefix``). The
+    same log-probs and gradients; other models ignore it."""
 
     def __post_init__(self):
         if self.backend not in (*BACKENDS, "auto"):
