@@ -96,9 +96,9 @@ def response_hidden(
     # padding-free: projections and MLP see only real tokens; attention gets them spread back to
     # the padded [rows, length] layout (zeros at padding, which no real query sees)
     ids = torch.cat([p_ids.reshape(-1), input_ids[:, P:].reshape(-1)])  # [N]
-    real = torch.cat([p_mask.reshape(-1), r_mask.reshape(-1)])
-    keep = None if bool(real.all()) else real.nonzero().squeeze(1)
     N = len(ids)
+    keep = torch.cat([p_mask.reshape(-1), r_mask.reshape(-1)]).nonzero().squeeze(1)  # one host sync
+    keep = None if len(keep) == N else keep
     x = base.embed_tokens(ids if keep is None else ids[keep])  # [N real, hidden]
     p_pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)
     r_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
