@@ -125,7 +125,8 @@ def test_models_it_cannot_reproduce_take_the_transformers_forward():
 def test_no_prompt_columns_fall_back():
     m = _llama()
     ids = torch.randint(3, 200, (2, 5))
-    assert lean_forward.response_hidden(m, ids, torch.ones_like(ids), 5) is None
+    mask = torch.ones_like(ids)
+    assert lean_forward.response_hidden(m, ids, mask, mask.cumsum(-1) - 1, 5) is None
 
 
 @pytest.mark.gpu

@@ -185,7 +185,9 @@ def sequence_logprobs(
     if linear:
         hidden = None
         if kc.lean_forward and lean_forward.supports(model) is None:
-            hidden = lean_forward.response_hidden(model, input_ids, attention_mask, T, share=kc.shared_prefix)
+            hidden = lean_forward.response_hidden(
+                model, input_ids, attention_mask, position_ids, T, share=kc.shared_prefix
+            )
         elif kc.shared_prefix:
             hidden = _shared_prefix_hidden(model.base_model, input_ids, attention_mask, position_ids, T)
         if hidden is None:
@@ -236,15 +238,13 @@ def _shared_prefix_hidden(base, input_ids, attention_mask, position_ids, T: int)
     its first response token, response position ``j`` the token ``j + 1``.
     """
     P = input_ids.shape[1] - T
-    prompts, inverse = torch.unique(
-        torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True
-    )
-    if len(prompts) == len(input_ids) or P == 0:
+    p_ids, p_mask, inverse = lean_forward.distinct_prompts(input_ids, attention_mask, P)
+    if len(p_ids) == len(input_ids) or P == 0:
         return None
     out = base(
-        input_ids=prompts[:, :P],
-        attention_mask=prompts[:, P:],
-        position_ids=(prompts[:, P:].long().cumsum(-1) - 1).clamp(min=0),
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=(p_mask.long().cumsum(-1) - 1).clamp(min=0),
         use_cache=True,
     )
     cache = out.past_key_values

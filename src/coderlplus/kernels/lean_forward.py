@@ -50,14 +50,31 @@ def supports(model) -> str | None:
     return None
 
 
+def distinct_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct (prompt, mask) rows of the first ``P`` columns: ``(ids [U, P], mask [U, P],
+    inverse [B])``, row ``b``'s prompt being ``inverse[b]``."""
+    prompts, inverse = torch.unique(
+        torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True
+    )
+    return prompts[:, :P], prompts[:, P:], inverse
+
+
 def response_hidden(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, share: bool = True
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_len: int,
+    share: bool = True,
 ) -> torch.Tensor | None:
     """The final hidden states that predict each response token, ``[B, T, H]``: position ``P - 1``
     of a row's prompt predicts its first response token, response position ``j`` the token
     ``j + 1``. None when there is no prompt (the caller takes the full forward).
 
-    input_ids, attention_mask: ``[B, P+T]``, prompts left-padded, responses right-padded.
+    input_ids, attention_mask, position_ids: ``[B, P+T]``, prompts left-padded, responses
+    right-padded, positions counting real tokens.
     ``share``: compute each distinct (prompt, mask) once (``kernels.shared_prefix``); else every
     row's prompt is its own."""
     T = response_len
@@ -71,13 +88,10 @@ def response_hidden(
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     device = input_ids.device
     if share:
-        prompts, inverse = torch.unique(
-            torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True
-        )
-        p_ids, p_mask = prompts[:, :P], prompts[:, P:].bool()
+        p_ids, p_mask, inverse = distinct_prompts(input_ids, attention_mask, P)
     else:
-        p_ids, p_mask = input_ids[:, :P], attention_mask[:, :P].bool()
-        inverse = torch.arange(B, device=device)
+        p_ids, p_mask, inverse = input_ids[:, :P], attention_mask[:, :P], torch.arange(B, device=device)
+    p_mask = p_mask.bool()
     U, NP = len(p_ids), len(p_ids) * P
     r_mask = attention_mask[:, P:].bool()
 
@@ -101,7 +115,7 @@ def response_hidden(
     keep = None if len(keep) == N else keep
     x = base.embed_tokens(ids if keep is None else ids[keep])  # [N real, hidden]
     p_pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)
-    r_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+    r_pos = position_ids[:, P:]
     cos_p, sin_p = (t[:, :, None] for t in base.rotary_emb(x, p_pos))  # [U, P, 1, d]
     cos_r, sin_r = (t[:, :, None] for t in base.rotary_emb(x, r_pos))  # [B, T, 1, d]
     attend = _attention(device, gqa=Kh != H)
@@ -158,4 +172,4 @@ def _attention(device: torch.device, gqa: bool):
     return attend
 
 
-__all__ = ["response_hidden", "supports"]
+__all__ = ["distinct_prompts", "response_hidden", "supports"]
