@@ -126,5 +126,13 @@ def test_coderlplus_composes_with_every_algorithm(hydra_ctx):
         rc = resolve_config(_compose([f"algorithm={name}", "experiment=coderlplus"]))
         assert rc.algorithm_name == name and rc.alignment.enabled
         assert set(rc.reward) == {"codegen", "align"}
+        cpu = resolve_config(_compose([f"algorithm={name}", "experiment=coderlplus_cpu"]))
+        assert (
+            cpu.algorithm_name == name and cpu.alignment.enabled and set(cpu.reward) == {"codegen", "align"}
+        )
+    # The CPU preset is coderlplus (its reward group) plus its own changes.
+    cpu = resolve_config(_compose(["experiment=coderlplus_cpu"]))
+    assert (cpu.data.n_train, cpu.alignment.strategy, cpu.alignment.max_variables) == (16, "random", 1)
+    assert cpu.reward["align"]["trace_alignment"]["format_bonus"] == 0.1
     rlvr = resolve_config(_compose(["experiment=rlvr"]))
     assert not rlvr.alignment.enabled and set(rlvr.reward) == {"codegen"}

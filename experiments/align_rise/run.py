@@ -8,6 +8,7 @@ Runs ``coderlplus-train experiment=coderlplus`` (plus any overrides) and turns i
 
     .venv/bin/python experiments/align_rise/run.py                      # the README's run
     .venv/bin/python experiments/align_rise/run.py --name lr3e-4 optim.lr=3e-4
+    .venv/bin/python experiments/align_rise/run.py --name P2 experiment=coderlplus_cpu seed=2  # its own steps
     .venv/bin/python experiments/align_rise/run.py --analyze outputs/align_rise/default other/run \
         --plot experiments/align_rise/align_rise.png
 
@@ -137,7 +138,10 @@ def main() -> None:
     runs = args.analyze
     if not runs:
         run = ROOT / "outputs" / "align_rise" / args.name
-        cmd = [sys.executable, "-m", "coderlplus.train", *BASE, *args.overrides, f"hydra.run.dir={run}"]
+        base = BASE
+        if any(o.startswith("experiment=") for o in args.overrides):  # another preset replaces ours
+            base = [o for o in BASE if not o.startswith(("experiment=", "trainer.max_steps="))]
+        cmd = [sys.executable, "-m", "coderlplus.train", *base, *args.overrides, f"hydra.run.dir={run}"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
         runs = [run]
