@@ -1,7 +1,7 @@
 """CodeRL+ on the CPU, end to end: `experiment=coderlplus_cpu` learns to predict its programs.
 
 The preset's whole run (60 steps; the first time it also builds its warm-start model, ~15 min
-on 2 cores): alignment prompts enter the batches once the buffer holds a batch's worth, and
+on one core): alignment prompts enter the batches once the buffer holds a batch's worth, and
 the share of fully correct alignment answers rises over the run. Three seeds of this run gave
 0.09 → 0.19, 0.01 → 0.12 and 0.03 → 0.13 for the mean of the first and last 20 steps with
 alignment prompts (experiments/align_rise/README.md).
