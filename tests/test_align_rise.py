@@ -22,6 +22,7 @@ def _mean(xs: list[float]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(2700)
 def test_coderlplus_cpu_preset_raises_alignment_accuracy(tmp_path):
     run_dir = tmp_path / "run"
