@@ -105,6 +105,22 @@ def run_and_find_leftovers(argv: list[str], tmp_path, **kwargs):
     return out, json.loads(report.read_text()) if report.exists() else None
 
 
+def train_cli(overrides: list[str], tmp_path, timeout: float, env: dict[str, str] | None = None):
+    """Run ``python -m coderlplus.train *overrides``; assert it succeeded and left no process
+    behind; return its CompletedProcess (text stdout/stderr)."""
+    out, leftovers = run_and_find_leftovers(
+        [sys.executable, "-m", "coderlplus.train", *overrides],
+        tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert leftovers == [], "the run left processes behind"
+    return out
+
+
 def sandbox_pids() -> set[int]:
     """Pids of every live sandbox process on this machine (servers, bwrap, programs)."""
     pids = set()
