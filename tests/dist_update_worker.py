@@ -59,6 +59,9 @@ def main(strategy: str, model_dir: str, out: str, algorithm: str = "grpo") -> No
     trainer.policy, _ = load_causal_lm(model_dir)
     trainer.algo = ALGORITHMS.get(rc.algorithm_name)()
     trainer.critic = trainer.algo.make_critic(trainer.policy, rc.algorithm)  # None but for ppo
+    critic_start = {
+        k: v.detach().clone() for k, v in (trainer.critic or torch.nn.Module()).state_dict().items()
+    }
     trainer.critic_train = trainer.dist.wrap_critic(trainer.critic, trainer.device)
     if trainer.critic is not None:  # as the trainer does: the optimiser on the (sharded) critic
         trainer.critic_optimizer = torch.optim.AdamW(trainer.critic.parameters(), lr=trainer.critic.lr)
@@ -74,7 +77,13 @@ def main(strategy: str, model_dir: str, out: str, algorithm: str = "grpo") -> No
     if trainer.dist.is_main:
         params = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
         critic = {k: v.detach().clone() for k, v in critic.items()}
-        result = {"params": params, "critic": critic, "metrics": metrics, "world": trainer.dist.world}
+        result = {
+            "params": params,
+            "critic": critic,
+            "critic_start": critic_start,
+            "metrics": metrics,
+            "world": trainer.dist.world,
+        }
         torch.save(result, out)
     trainer.dist.close()
 

@@ -60,14 +60,25 @@ def one_process_update(tiny_model_dir, tmp_path_factory):
     return get
 
 
-# Adam turns the ~zero gradients of the attention's k_proj biases (softmax ignores them) into
-# lr-sized steps of rounding noise, so after 4 updates at lr 0.01 PPO's parameters agree to ~1e-4
-# only; the metrics (losses, gradient norms before clipping) are compared tightly.
-@pytest.mark.parametrize(
-    "strategy, algorithm, tol", [("ddp", "grpo", 1e-4), ("fsdp2", "grpo", 1e-4), ("fsdp2", "ppo", 5e-4)]
-)
+def _update_gap(one: dict, two: dict, start: dict) -> tuple[float, str]:
+    """The largest ``|one - two| / |one - start|`` over tensors (Frobenius norms): how far apart
+    the two runs' updates are, relative to the update itself; and that tensor's name."""
+    return max(
+        (float((one[k] - two[k]).norm() / (one[k] - start[k]).norm().clamp(min=1e-12)), k) for k in one
+    )
+
+
+# Rounding differs between 1 and 2 ranks (the sums split differently), and Adam turns it into
+# lr-sized steps where a gradient is ~zero (the attention's k_proj biases: softmax ignores them),
+# so elementwise the parameters after 4 updates at lr 0.01 agree to 1e-4 on one CPU and only to
+# ~1e-3 on another (AVX2: 6e-4 in a k_proj weight). Each tensor's update is therefore compared as
+# a whole — within 1 % of its size (measured: <= 8e-4 on both CPUs; a rank that trained on its
+# own half of the batch is off by tens of per cent) — and the metrics, the loss terms and the
+# gradient norms before clipping (which would show gradients summed instead of averaged, to
+# which Adam's step is blind), to 1e-4.
+@pytest.mark.parametrize("strategy, algorithm", [("ddp", "grpo"), ("fsdp2", "grpo"), ("fsdp2", "ppo")])
 def test_two_rank_update_equals_one_process_on_the_same_global_batch(
-    strategy, algorithm, tol, one_process_update, tiny_model_dir, tmp_path
+    strategy, algorithm, one_process_update, tiny_model_dir, tmp_path
 ):
     out = tmp_path / "world2.pt"
     worker = [str(WORKER), strategy, str(tiny_model_dir), str(out), algorithm]
@@ -78,14 +89,15 @@ def test_two_rank_update_equals_one_process_on_the_same_global_batch(
 
     start = load_causal_lm(tiny_model_dir)[0].state_dict()
     moved = max((one["params"][k] - start[k]).abs().max().item() for k in start)
-    diff = max((one["params"][k] - two["params"][k]).abs().max().item() for k in start)
     assert moved > 1e-2, "the updates did not move the parameters: the check would prove nothing"
-    assert diff < tol, f"2 ranks vs 1: parameters differ by {diff} (they moved by {moved})"
+    gap, name = _update_gap(one["params"], two["params"], start)
+    assert gap < 1e-2, f"2 ranks vs 1: the update of {name} differs by {gap:.2%} of its size"
     if algorithm == "ppo":  # the critic: trained, sharded like the policy, gathered back whole
         assert one["critic"].keys() == two["critic"].keys() and "head.weight" in one["critic"]
         assert one["critic"]["head.weight"].abs().max() > 1e-2  # moved from its zero start
-        diff = max((one["critic"][k] - two["critic"][k]).abs().max().item() for k in one["critic"])
-        assert diff < tol, f"2 ranks vs 1: critic parameters differ by {diff}"
+        assert one["critic_start"].keys() == one["critic"].keys()
+        gap, name = _update_gap(one["critic"], two["critic"], one["critic_start"])
+        assert gap < 1e-2, f"2 ranks vs 1: the critic's update of {name} differs by {gap:.2%} of its size"
     for m1, m2 in zip(one["metrics"], two["metrics"]):  # the loss terms and the gradient norms too
         assert m1.keys() == m2.keys()
         for k in m1:

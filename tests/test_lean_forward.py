@@ -62,22 +62,49 @@ def test_same_logprobs_and_gradients_as_the_transformers_forward(model, share):
         torch.testing.assert_close(lean[2][name], g, atol=1e-5 * float(g.abs().max()) + 1e-7, rtol=0)
 
 
-def test_each_projection_runs_once_over_the_real_tokens(model):
+@pytest.mark.parametrize("n_layers, T", [(1, 1), (1, 4), (2, 1), (2, 2)])
+def test_edge_shapes_one_layer_and_one_response_token(n_layers, T):
+    """The last layer is also the first; responses of one token have no response position to
+    compute (only the prompt's last predicts): same log-probs and gradients all the same."""
+    m = _llama()
+    m.model.layers = m.model.layers[:n_layers]
+    m.config.num_hidden_layers = n_layers
+    m.train()
+    ids, am = _batch(m.config.vocab_size, [7, 3], n=3, T=T, seed=4)
+    plain = _run(m, ids, am, T, KernelsConfig(lean_forward=False, shared_prefix=False))
+    mask = am[:, -T:].bool()
+    for share in (True, False):
+        lean = _run(m, ids, am, T, KernelsConfig(lean_forward=True, shared_prefix=share))
+        torch.testing.assert_close(lean[0][mask], plain[0][mask], atol=2e-5, rtol=0)
+        for name, g in plain[2].items():
+            torch.testing.assert_close(lean[2][name], g, atol=1e-5 * float(g.abs().max()) + 1e-7, rtol=0)
+
+
+def test_each_projection_runs_once_over_the_tokens_that_count(model):
     T, n, lens = 6, 4, [9, 5]
     ids, am = _batch(model.config.vocab_size, lens, n=n, T=T, seed=1)
-    rows = []
-    q_proj = model.model.layers[0].self_attn.q_proj
-    hook = q_proj.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    rows = {"first": [], "last": []}
+    layers = model.model.layers
+    hooks = [
+        layers[i].self_attn.q_proj.register_forward_hook(
+            lambda mod, inp, out, k=k: rows[k].append(inp[0].shape[0])
+        )
+        for i, k in ((0, "first"), (-1, "last"))
+    ]
     try:
         with torch.no_grad():
             for share in (True, False):
                 sequence_logprobs(model, ids, am, T, kernels=KernelsConfig(shared_prefix=share))
     finally:
-        hook.remove()
-    P = max(lens)
-    responses = int(am[:, P:].sum())  # real response tokens (ragged)
-    # one call per pass, real tokens only: 2 prompts (or 8 copies of them) + 8 responses
-    assert rows == [sum(lens) + responses, n * sum(lens) + responses]
+        for hook in hooks:
+            hook.remove()
+    P, B = max(lens), am.shape[0]
+    responses = int(am[:, P:].sum())  # real response tokens (ragged, each row at least one)
+    # A row's last real token predicts nothing: every layer leaves it out. One call per pass over
+    # 2 prompts (or 8 copies of them) + the other response tokens; the last layer's queries only
+    # for each prompt's last token (it predicts the first response token) and the responses.
+    assert rows["first"] == [sum(lens) + responses - B, n * sum(lens) + responses - B]
+    assert rows["last"] == [len(lens) + responses - B, B + responses - B]
     assert responses < am.shape[0] * T  # the batch has padding to leave out
 
 

@@ -212,6 +212,7 @@ class FastDecoder:
         cos, sin = rotary
         x = F.embedding(ids, embed)
         end = start + L
+        last = len(layers) - 1
         for i, w in enumerate(layers):
             cd = w.qkv.w.dtype  # the matmuls' dtype
             qkv = w.qkv(self._norm(x, w.norm1).to(cd)).view(B, L, H + 2 * K, d)
@@ -220,14 +221,17 @@ class FastDecoder:
             keys, values = cache[i]
             keys[:, :, start:end] = _round(qk[:, :, H:], cd).transpose(1, 2)
             values[:, :, start:end] = qkv[:, :, H + K :].transpose(1, 2)
+            q, mask = qk[:, :, :H], key_mask[..., :end]
+            if i == last and L > 1:  # a prefill reads the last position only: the rest gave keys/values
+                x, q, mask = x[:, -1:], q[:, -1:], mask[..., -1:, :]
             att = F.scaled_dot_product_attention(
-                _round(qk[:, :, :H], cd).transpose(1, 2),
+                _round(q, cd).transpose(1, 2),
                 keys[:, :, :end],
                 values[:, :, :end],
-                attn_mask=key_mask[..., :end],
+                attn_mask=mask,
                 enable_gqa=H != K,
             )
-            x = x + w.o(att.transpose(1, 2).reshape(B, L, H * d).to(cd))
+            x = x + w.o(att.transpose(1, 2).reshape(B, -1, H * d).to(cd))
             gate, up = w.gate_up(self._norm(x, w.norm2).to(cd)).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
         return self._norm(x[:, -1], final_norm)
