@@ -206,6 +206,24 @@ def test_program_killing_its_server(sandbox):
     assert all(x.stdout == "still works\n" for x in results)
 
 
+def test_server_killers_inside_chunks(sandbox):
+    """Programs go to the servers in chunks (several per message): a program that kills its
+    server mid-chunk fails alone; the programs before it keep their results and the ones
+    after it run on the fresh server."""
+    killer = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)"
+    n = 24 * 4 * sandbox.workers  # chunks of 16 programs
+    killers = {5, 6, 16, n - 1}  # two in a row, one at a chunk's first place, the last one
+    items = [(killer, "") if i in killers else (f"print({i} * 2)", "") for i in range(n)]
+    deaths = sandbox.stats["server_deaths"]
+    results = sandbox.run_many(items)
+    for i, r in enumerate(results):
+        if i in killers:
+            assert r.status == "killed" and "server process died" in r.stderr, (i, r)
+        else:
+            assert (r.status, r.stdout) == ("ok", f"{2 * i}\n"), (i, r)
+    assert sandbox.stats["server_deaths"] - deaths == len(killers)
+
+
 def test_closed_sandbox_refuses():
     sb = Sandbox(timeout_s=TIMEOUT_S, workers=1)
     assert sb.run("print(1)").stdout == "1\n"

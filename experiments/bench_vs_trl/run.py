@@ -271,6 +271,12 @@ def main(argv=None) -> int:
         "--beta", type=float, default=0.04, help="KL coefficient (both trainers keep a reference)"
     )
     ap.add_argument("--models", default="tiny,25m")
+    ap.add_argument(
+        "--trainers",
+        default=",".join(TRAINERS),
+        help="which of them to run (trl must be one: the ratios are to it); e.g. trl,ours,ours-before "
+        "on a CPU without bf16 instructions, where bf16 autocast is emulated and slow for both",
+    )
     ap.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, tiny model; writes no files")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -280,6 +286,9 @@ def main(argv=None) -> int:
         return worker_main(args)
     if args.quick:
         args.steps, args.repeats, args.models = 3, 1, "tiny"
+    args.trainers = tuple(t for t in TRAINERS if t in args.trainers.split(","))
+    if "trl" not in args.trainers:
+        ap.error(f"--trainers: give trl and any of {', '.join(TRAINERS[1:])}")
 
     from coderlplus.models.tiny import TinyModelConfig, ensure_tiny_model
 
@@ -288,7 +297,7 @@ def main(argv=None) -> int:
     results = []  # (model, trainer, repeat, out)
     for name in args.models.split(","):
         for rep in range(args.repeats):
-            for trainer in TRAINERS if rep % 2 == 0 else TRAINERS[::-1]:
+            for trainer in args.trainers if rep % 2 == 0 else args.trainers[::-1]:
                 out = HERE / f".run-{name}-{trainer}-{rep}.json"
                 cmd = [
                     sys.executable,
@@ -323,14 +332,14 @@ def report(results, args) -> str:
     ]
     med = {}
     for name in args.models.split(","):
-        for trainer in TRAINERS:
+        for trainer in args.trainers:
             runs = [r for m, t, _, r in results if m == name and t == trainer]
             times = [row["step_s"] for r in runs for row in r["rows"][1:]]
             med[name, trainer] = statistics.median(times)
             rss = max(r["peak_rss_mb"] for r in runs)
             ratio = f"{med[name, trainer] / med[name, 'trl']:.2f}" if trainer != "trl" else ""
             base = SAME_PRECISION.get(trainer)
-            same = f"{med[name, trainer] / med[name, base]:.2f}" if base in TRAINERS else ""
+            same = f"{med[name, trainer] / med[name, base]:.2f}" if base in args.trainers else ""
             lines.append(
                 f"| {name} | {trainer} | {med[name, trainer]:.3f} | {len(times)} | {rss:.0f} | {ratio} | {same} |"
             )
@@ -338,7 +347,7 @@ def report(results, args) -> str:
     phases = ("sample_s", "logprob_s", "reward_s", "reward_wait_s", "update_s", "step_s")
     lines += ["| model | trainer | " + " | ".join(phases) + " |", "|---|---|" + "---:|" * len(phases)]
     for name in args.models.split(","):
-        for trainer in ("ours", "ours-before", "ours-bf16"):
+        for trainer in [t for t in ("ours", "ours-before", "ours-bf16") if t in args.trainers]:
             rows = [row for m, t, _, r in results if m == name and t == trainer for row in r["rows"][1:]]
             cells = [statistics.median(row.get(f"timing/{k}", 0.0) for row in rows) for k in phases]
             lines.append(f"| {name} | {trainer} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")

@@ -8,20 +8,23 @@ and the programs it forks see a small interpreter.
 
 Protocol, on the server's stdin (requests) and stdout (responses): frames of a
 4-byte big-endian length followed by UTF-8 JSON. First the server sends a hello
-``{"ready": true, "pid", "uid", "outer_uid", "python"}``; then, per request:
+``{"ready": true, "pid", "uid", "outer_uid", "python"}``; then the parent sends
+chunks ``{"chunk": [request, ...]}`` and the server answers each request of a chunk
+with its own frame as soon as it is done, in order (so the server goes from one
+program to the next without waiting for the parent, and the parent knows which
+requests a server that died had finished). A request is one of
 
-* request: ``{"code": str, "stdin": str, "trace": null | {options, see _trace_options}}``
-* response: ``{"status": str, "stdout": str, "stderr": str, "duration_s": float,
-  "returncode": int | None, "anomaly": str | None, "trace": null | dict}``
-
-A batch (one program, several stdin tests; see ``run_batch``):
-
-* request: ``{"code": str, "stdins": [str, ...]}``
-* response: ``{"runs": [one response as above per stdin], "anomaly": str | None}``
+* one run: ``{"code": str, "stdin": str, "trace": null | {options, see _trace_options}}``
+  -> ``{"status": str, "stdout": str, "stderr": str, "duration_s": float,
+  "returncode": int | None, "anomaly": str | None, "trace": null | dict}``;
+* a batch (one program, several stdin tests; see ``run_batch``):
+  ``{"code": str, "stdins": [str, ...]}``
+  -> ``{"runs": [one response as above per stdin], "anomaly": str | None}``.
 
 ``anomaly`` says that something was left in a bad state (processes that would
 not die, a work folder that could not be removed, a child that could not be set
-up): the parent then replaces this server with a fresh one.
+up): the server answers nothing more of that chunk, and the parent replaces it
+with a fresh one and sends the chunk's remaining requests there.
 
 With ``trace`` the child, after the program ends (normally, by an exception or
 ``sys.exit``), collects the final values of the program's variables (see
@@ -997,28 +1000,42 @@ def main() -> None:
         body = _read_exact(rfd, struct.unpack(">I", head)[0])
         if body is None:
             return
-        req = None
         try:
-            req = json.loads(body)
-            if "stdins" in req:
-                runs = run_batch(req["code"], list(req["stdins"]), cfg, base)
-                resp = {"runs": runs, "anomaly": next((r["anomaly"] for r in runs if r["anomaly"]), None)}
-            else:
-                resp = run_one(req["code"], req.get("stdin", ""), cfg, base, req.get("trace"))
-        except Exception as e:  # a bug here must not take the server down
-            resp = {
-                "status": "killed",
-                "stdout": "",
-                "stderr": f"sandbox server error: {type(e).__name__}: {e}",
-                "duration_s": 0.0,
-                "returncode": None,
-                "anomaly": "server error",
-                "trace": None,
-            }
-            if isinstance(req, dict) and isinstance(req.get("stdins"), list):
-                resp = {"runs": [resp] * len(req["stdins"]), "anomaly": "server error"}
-        if not _send(wfd, resp):
-            return
+            requests = json.loads(body)["chunk"]
+            if not isinstance(requests, list) or not requests:
+                raise ValueError("'chunk' is not a non-empty list")
+        except Exception as e:  # a malformed frame: answer once, the parent replaces us
+            requests = [{"malformed": f"{type(e).__name__}: {e}"}]
+        for req in requests:
+            resp = _serve(req, cfg, base)
+            if not _send(wfd, resp):
+                return
+            if resp["anomaly"]:  # the rest of the chunk goes to a fresh server
+                break
+
+
+def _serve(req, cfg: dict, base: str) -> dict:
+    """The response to one request of a chunk (see the protocol)."""
+    try:
+        if "malformed" in req:
+            raise ValueError(req["malformed"])
+        if "stdins" in req:
+            runs = run_batch(req["code"], list(req["stdins"]), cfg, base)
+            return {"runs": runs, "anomaly": next((r["anomaly"] for r in runs if r["anomaly"]), None)}
+        return run_one(req["code"], req.get("stdin", ""), cfg, base, req.get("trace"))
+    except Exception as e:  # a bug here must not take the server down
+        resp = {
+            "status": "killed",
+            "stdout": "",
+            "stderr": f"sandbox server error: {type(e).__name__}: {e}",
+            "duration_s": 0.0,
+            "returncode": None,
+            "anomaly": "server error",
+            "trace": None,
+        }
+        if isinstance(req, dict) and isinstance(req.get("stdins"), list):
+            resp = {"runs": [resp] * len(req["stdins"]), "anomaly": "server error"}
+        return resp
 
 
 def _preload() -> None:

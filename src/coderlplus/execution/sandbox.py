@@ -6,7 +6,9 @@ parent. A :class:`Sandbox` keeps a pool of warm *server* processes
 (``_server.py``, one per worker). For each program a server ``fork()``s a fresh
 child, so each program starts in a clean interpreter in about a millisecond,
 instead of the tens of milliseconds of a new interpreter. :meth:`Sandbox.run_many`
-spreads a whole batch over the servers.
+spreads a whole batch over the servers, in chunks of up to 16 programs per message;
+a server answers each program as soon as it is done and goes straight on to the
+next one (no round trip to the trainer between programs).
 
 **Isolation** (``isolation="bwrap"``, the default; see :mod:`.isolation`): every
 server lives in its own bubblewrap sandbox: user, PID, network (loopback only),
@@ -54,8 +56,8 @@ segfault, or the program killed its server). A program calling ``sys.exit(213)``
 shows as ``memory`` (the exit code the sandbox uses for it).
 
 **Pool health**: a server is replaced by a fresh one after ``recycle_after``
-programs and after any anomaly (it died, did not answer, or could not clean up
-after a program). Nothing survives :meth:`Sandbox.close`, garbage collection of
+programs (at the end of the chunk that reaches it) and after any anomaly (it
+died, did not answer, or could not clean up after a program). Nothing survives :meth:`Sandbox.close`, garbage collection of
 the Sandbox, or the trainer's exit, even by SIGKILL (bwrap's ``--die-with-parent``
 and the PID namespace; a plain server gets a parent-death signal and kills the
 running program and what it left).
@@ -115,6 +117,7 @@ log = logging.getLogger("coderlplus.sandbox")
 # How long past the program's own timeout the parent waits for a server's answer
 # (clean-up of what the program left) before declaring it dead.
 _SERVER_GRACE_S = 20.0
+_MAX_CHUNK = 16  # requests sent to a server in one message (see Sandbox._dispatch)
 _START_TIMEOUT_S = 60.0  # a server's hello (bwrap + interpreter start; slow machines)
 _BWRAP_NPROC = 64  # processes per server inside bwrap (its own user namespace counts them)
 
@@ -358,18 +361,24 @@ class _Server:
         except (OSError, ValueError):
             return ""
 
-    def request(self, message: dict, wait_s: float, runs: int = 1) -> dict:
+    def request_chunk(self, messages: list[dict], waits_s: list[float]):
+        """Send requests as one chunk; yield their responses as the server sends them.
+
+        ``waits_s[i]``: how long to wait for response ``i`` once response ``i - 1`` came.
+        The server stops after a response with an anomaly (the caller replaces it).
+        """
         proc = self.proc
         if proc is None or proc.stdin is None:
             raise _ServerDied("not running")
-        payload = json.dumps(message).encode()
+        payload = json.dumps({"chunk": messages}).encode()
         try:
             _write_all(proc.stdin.fileno(), struct.pack(">I", len(payload)) + payload)
         except OSError as e:
             raise _ServerDied(str(e) or type(e).__name__) from e
-        response = self._read_frame(time.monotonic() + wait_s)
-        self.served += runs
-        return response
+        for message, wait_s in zip(messages, waits_s):
+            response = self._read_frame(time.monotonic() + wait_s)
+            self.served += _n_runs(message)
+            yield response
 
     def _read_frame(self, deadline: float) -> dict:
         proc = self.proc
@@ -713,7 +722,11 @@ class Sandbox:
         if os.getpid() != self._pid:
             raise RuntimeError("a Sandbox cannot be used in a forked child process; create one there")
         responses: list[dict | None] = [None] * len(requests)
-        next_index = iter(range(len(requests)))
+        # Requests go to the servers in chunks, answered one by one as they finish: a
+        # server goes straight on to its next program while this thread reads the last
+        # result. Several chunks per worker keep the workers evenly loaded to the end.
+        size = max(1, min(_MAX_CHUNK, len(requests) // (4 * self.workers)))
+        chunks = iter(range(0, len(requests), size))
         lock = threading.Lock()
 
         def work() -> None:
@@ -721,14 +734,15 @@ class Sandbox:
             try:
                 while True:
                     with lock:
-                        i = next(next_index, None)
-                    if i is None:
+                        start = next(chunks, None)
+                    if start is None:
                         return
-                    responses[i] = self._execute(server, requests[i])
+                    stop = min(start + size, len(requests))
+                    responses[start:stop] = self._execute(server, requests[start:stop])
             finally:
                 self._idle.put(server)
 
-        n_threads = min(self.workers, len(requests))
+        n_threads = min(self.workers, -(-len(requests) // size))
         if n_threads <= 1:
             if requests:
                 work()
@@ -745,35 +759,60 @@ class Sandbox:
             for q, r in zip(requests, responses)
         ]
 
-    def _execute(self, server: _Server, request: dict) -> dict:
-        t0 = time.monotonic()
-        n_runs = _n_runs(request)
-        try:
-            if server.proc is None:  # a restart failed earlier: try again
-                self._replace(server)
-            response = server.request(request, n_runs * (2 * self.timeout_s) + _SERVER_GRACE_S, n_runs)
-            if n_runs > 1 and len(response.get("runs") or ()) != n_runs:
-                raise _ServerDied(f"expected {n_runs} results, got {str(response)[:200]}")
-            if response.get("anomaly"):
-                self._count("anomalies")
-                self._replace(server)
-            elif server.served >= self.recycle_after:
-                self._replace(server)
-            return response
-        except _ServerDied as e:
-            # Most likely the program killed its server (or every process it could see).
-            self._count("server_deaths")
-            tail = server.stderr_tail(500)
-            with contextlib.suppress(Exception):
-                self._replace(server)
-            return _failure(
-                f"sandbox: the server process died while running this program ({e}); replaced it"
-                + (f"\n{tail}" if tail else ""),
-                time.monotonic() - t0,
-                n_runs,
-            )
-        except Exception as e:  # a bug or a failed restart must not reach the trainer
-            return _failure(f"sandbox internal error: {type(e).__name__}: {e}", time.monotonic() - t0, n_runs)
+    def _execute(self, server: _Server, requests: list[dict]) -> list[dict]:
+        """Responses to ``requests``, run on ``server`` as one chunk.
+
+        A response with an anomaly, or a server that dies or stops answering, ends the
+        chunk there: that server is replaced and the requests after it go to the fresh one
+        (a program that killed its server gets a ``killed`` failure; the others of its
+        chunk run normally).
+        """
+        responses: list[dict] = []
+        while len(responses) < len(requests):
+            pending = requests[len(responses) :]
+            waits = [_n_runs(r) * (2 * self.timeout_s) + _SERVER_GRACE_S for r in pending]
+            t0 = time.monotonic()
+            try:
+                if server.proc is None:  # a restart failed earlier: try again
+                    self._replace(server)
+                for request, response in zip(pending, server.request_chunk(pending, waits)):
+                    n_runs = _n_runs(request)
+                    if n_runs > 1 and len(response.get("runs") or ()) != n_runs:
+                        raise _ServerDied(f"expected {n_runs} results, got {str(response)[:200]}")
+                    responses.append(response)
+                    t0 = time.monotonic()
+                    if response.get("anomaly"):
+                        self._count("anomalies")
+                        self._replace(server)
+                        break
+                else:
+                    if server.served >= self.recycle_after:
+                        self._replace(server)
+            except _ServerDied as e:
+                # Most likely the program killed its server (or every process it could see).
+                self._count("server_deaths")
+                tail = server.stderr_tail(500)
+                with contextlib.suppress(Exception):
+                    self._replace(server)
+                responses.append(
+                    _failure(
+                        f"sandbox: the server process died while running this program ({e}); replaced it"
+                        + (f"\n{tail}" if tail else ""),
+                        time.monotonic() - t0,
+                        _n_runs(requests[len(responses)]),
+                    )
+                )
+            except Exception as e:  # a bug or a failed restart must not reach the trainer
+                with contextlib.suppress(Exception):
+                    self._replace(server)  # its answers may be out of step now
+                responses.append(
+                    _failure(
+                        f"sandbox internal error: {type(e).__name__}: {e}",
+                        time.monotonic() - t0,
+                        _n_runs(requests[len(responses)]),
+                    )
+                )
+        return responses
 
     def _replace(self, server: _Server) -> None:
         self._count("restarts")
