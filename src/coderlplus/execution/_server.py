@@ -1005,7 +1005,9 @@ def main() -> None:
             if not isinstance(requests, list) or not requests:
                 raise ValueError("'chunk' is not a non-empty list")
         except Exception as e:  # a malformed frame: answer once, the parent replaces us
-            requests = [{"malformed": f"{type(e).__name__}: {e}"}]
+            if not _send(wfd, _error_response(e, None)):
+                return
+            continue
         for req in requests:
             resp = _serve(req, cfg, base)
             if not _send(wfd, resp):
@@ -1017,25 +1019,28 @@ def main() -> None:
 def _serve(req, cfg: dict, base: str) -> dict:
     """The response to one request of a chunk (see the protocol)."""
     try:
-        if "malformed" in req:
-            raise ValueError(req["malformed"])
         if "stdins" in req:
             runs = run_batch(req["code"], list(req["stdins"]), cfg, base)
             return {"runs": runs, "anomaly": next((r["anomaly"] for r in runs if r["anomaly"]), None)}
         return run_one(req["code"], req.get("stdin", ""), cfg, base, req.get("trace"))
     except Exception as e:  # a bug here must not take the server down
-        resp = {
-            "status": "killed",
-            "stdout": "",
-            "stderr": f"sandbox server error: {type(e).__name__}: {e}",
-            "duration_s": 0.0,
-            "returncode": None,
-            "anomaly": "server error",
-            "trace": None,
-        }
-        if isinstance(req, dict) and isinstance(req.get("stdins"), list):
-            resp = {"runs": [resp] * len(req["stdins"]), "anomaly": "server error"}
-        return resp
+        return _error_response(e, req)
+
+
+def _error_response(e: Exception, req) -> dict:
+    """The answer to a request the server could not handle (an anomaly: it gets replaced)."""
+    resp = {
+        "status": "killed",
+        "stdout": "",
+        "stderr": f"sandbox server error: {type(e).__name__}: {e}",
+        "duration_s": 0.0,
+        "returncode": None,
+        "anomaly": "server error",
+        "trace": None,
+    }
+    if isinstance(req, dict) and isinstance(req.get("stdins"), list):
+        resp = {"runs": [resp] * len(req["stdins"]), "anomaly": "server error"}
+    return resp
 
 
 def _preload() -> None:

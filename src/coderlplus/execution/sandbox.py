@@ -57,10 +57,10 @@ shows as ``memory`` (the exit code the sandbox uses for it).
 
 **Pool health**: a server is replaced by a fresh one after ``recycle_after``
 programs (at the end of the chunk that reaches it) and after any anomaly (it
-died, did not answer, or could not clean up after a program). Nothing survives :meth:`Sandbox.close`, garbage collection of
-the Sandbox, or the trainer's exit, even by SIGKILL (bwrap's ``--die-with-parent``
-and the PID namespace; a plain server gets a parent-death signal and kills the
-running program and what it left).
+died, did not answer, or could not clean up after a program). Nothing survives
+:meth:`Sandbox.close`, garbage collection of the Sandbox, or the trainer's exit,
+even by SIGKILL (bwrap's ``--die-with-parent`` and the PID namespace; a plain
+server gets a parent-death signal and kills the running program and what it left).
 
 **Programs see** the standard library of the trainer's Python (no site-packages
 unless ``site_packages=True``); common modules (``math``, ``collections``,
@@ -361,11 +361,12 @@ class _Server:
         except (OSError, ValueError):
             return ""
 
-    def request_chunk(self, messages: list[dict], waits_s: list[float]):
+    def request_chunk(self, messages: list[dict]):
         """Send requests as one chunk; yield their responses as the server sends them.
 
-        ``waits_s[i]``: how long to wait for response ``i`` once response ``i - 1`` came.
-        The server stops after a response with an anomaly (the caller replaces it).
+        Each response is waited for from the one before it: its runs' timeouts (twice) and
+        a grace for clean-up. The server stops after a response with an anomaly (the
+        caller replaces it).
         """
         proc = self.proc
         if proc is None or proc.stdin is None:
@@ -375,9 +376,10 @@ class _Server:
             _write_all(proc.stdin.fileno(), struct.pack(">I", len(payload)) + payload)
         except OSError as e:
             raise _ServerDied(str(e) or type(e).__name__) from e
-        for message, wait_s in zip(messages, waits_s):
-            response = self._read_frame(time.monotonic() + wait_s)
-            self.served += _n_runs(message)
+        for message in messages:
+            runs = _n_runs(message)
+            response = self._read_frame(time.monotonic() + runs * 2 * self.pool.timeout_s + _SERVER_GRACE_S)
+            self.served += runs
             yield response
 
     def _read_frame(self, deadline: float) -> dict:
@@ -770,12 +772,11 @@ class Sandbox:
         responses: list[dict] = []
         while len(responses) < len(requests):
             pending = requests[len(responses) :]
-            waits = [_n_runs(r) * (2 * self.timeout_s) + _SERVER_GRACE_S for r in pending]
             t0 = time.monotonic()
             try:
                 if server.proc is None:  # a restart failed earlier: try again
                     self._replace(server)
-                for request, response in zip(pending, server.request_chunk(pending, waits)):
+                for request, response in zip(pending, server.request_chunk(pending)):
                     n_runs = _n_runs(request)
                     if n_runs > 1 and len(response.get("runs") or ()) != n_runs:
                         raise _ServerDied(f"expected {n_runs} results, got {str(response)[:200]}")
