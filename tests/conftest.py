@@ -145,3 +145,35 @@ def vllm_model_dir():
     from coderlplus.models.tiny import TinyModelConfig, ensure_tiny_model
 
     return ensure_tiny_model(TinyModelConfig(**VLLM_TEST_MODEL))
+
+
+def left_padded_prompts(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompt ids and attention mask ``[len(lengths), max(lengths)]``, left-padded with 0
+    as the samplers build them."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.zeros(len(lengths), P, dtype=torch.long)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, P - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, P - n :] = 1
+    return ids, mask
+
+
+def transformers_greedy(model, ids, mask, n: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.generate``'s greedy tokens ``[rows*n, T]`` (no end of sequence) and their log-probs:
+    the reference for the lean decoder."""
+    out = model.generate(
+        input_ids=ids.repeat_interleave(n, 0),
+        attention_mask=mask.repeat_interleave(n, 0),
+        max_new_tokens=T,
+        min_new_tokens=T,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[:, ids.shape[1] :]
+    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, tokens[..., None])[..., 0]
+    return tokens, logp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import left_padded_prompts, transformers_greedy
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from coderlplus.sampler import HFSampler, HFSamplerConfig, SamplingParams, fast_decode
@@ -21,49 +22,24 @@ def _llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def _prompts(vocab, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    P = max(lengths)
-    ids = torch.zeros(len(lengths), P, dtype=torch.long)
-    mask = torch.zeros(len(lengths), P, dtype=torch.long)
-    for i, n in enumerate(lengths):  # left padding, as the sampler builds it
-        ids[i, P - n :] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, P - n :] = 1
-    return ids, mask
-
-
 @pytest.fixture(params=["qwen2-test-model", "llama-random"])
 def model(request, tiny_model):
     return tiny_model[0] if request.param == "qwen2-test-model" else _llama()
 
 
 def test_greedy_tokens_and_logprobs_equal_transformers_generate(model):
-    ids, mask = _prompts(model.config.vocab_size, [9, 23, 16])
+    ids, mask = left_padded_prompts(model.config.vocab_size, [9, 23, 16])
     n, T = 2, 24
     tokens, logp = FastDecoder(model).generate(
         ids, mask, n, T, eos_token_id=-1, pad_token_id=0, temperature=0
     )
-    out = model.generate(
-        input_ids=ids.repeat_interleave(n, 0),
-        attention_mask=mask.repeat_interleave(n, 0),
-        max_new_tokens=T,
-        min_new_tokens=T,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    ref_tokens = out.sequences[:, ids.shape[1] :]
-    ref_logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, ref_tokens[..., None])[
-        ..., 0
-    ]
+    ref_tokens, ref_logp = transformers_greedy(model, ids, mask, n, T)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
 
 
 def test_sampled_logprobs_equal_a_teacher_forced_forward(model):
-    ids, mask = _prompts(model.config.vocab_size, [5, 12], seed=3)
+    ids, mask = left_padded_prompts(model.config.vocab_size, [5, 12], seed=3)
     torch.manual_seed(0)
     tokens, logp = FastDecoder(model).generate(ids, mask, 3, 16, -1, 0, temperature=0.8)
     full_ids = torch.cat([ids.repeat_interleave(3, 0), tokens], 1)
@@ -78,7 +54,7 @@ def test_sampled_logprobs_equal_a_teacher_forced_forward(model):
 
 def test_first_tokens_follow_the_softmax_and_top_p_keeps_the_nucleus(tiny_model):
     model = tiny_model[0]
-    ids, mask = _prompts(model.config.vocab_size, [12], seed=5)
+    ids, mask = left_padded_prompts(model.config.vocab_size, [12], seed=5)
     with torch.no_grad():
         p = (model(ids).logits[0, -1] / 0.7).softmax(-1)
     N = 3000
@@ -101,7 +77,7 @@ def test_first_tokens_follow_the_softmax_and_top_p_keeps_the_nucleus(tiny_model)
 
 def test_rows_stop_at_eos_and_decoding_ends_when_all_have():
     model = _llama()
-    ids, mask = _prompts(model.config.vocab_size, [6, 6])
+    ids, mask = left_padded_prompts(model.config.vocab_size, [6, 6])
     greedy, _ = FastDecoder(model).generate(ids, mask, 1, 12, -1, 0, temperature=0)
     eos = int(greedy[0, 3])  # row 0 emits it at step 3 (or earlier, if it repeats)
     first = [row.tolist().index(eos) if eos in row.tolist() else None for row in greedy]
@@ -150,10 +126,11 @@ def test_the_sampler_gives_the_same_greedy_rollouts_either_way(tiny_model):
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_prepacked_projections_give_the_unpacked_results(model, amp, monkeypatch):
-    """On a CPU the decode steps use oneDNN-prepacked weights (``_pack``; here for every size):
-    the same tokens, and log-probs to rounding, as plain ``F.linear``."""
-    ids, mask = _prompts(model.config.vocab_size, [6, 13], seed=7)
-    packed, plain = FastDecoder(model), FastDecoder(model, pack=False)
+    """Without the native kernels (``native=False``, or several threads, or bf16) a CPU's decode
+    steps use oneDNN-prepacked weights (``_pack``; here for every size): the same tokens, and
+    log-probs to rounding, as plain ``F.linear``."""
+    ids, mask = left_padded_prompts(model.config.vocab_size, [6, 13], seed=7)
+    packed, plain = FastDecoder(model, native=False), FastDecoder(model, pack=False, native=False)
     assert packed._weights(None, 4)[1][0].qkv.packed is None  # small weights: the plain kernel
     monkeypatch.setattr(fast_decode, "_PACK_MIN", 0)
     dtype = torch.bfloat16 if amp else torch.float32

@@ -222,21 +222,27 @@ def run_ours_before(model: str, steps: int, lr: float, beta: float) -> dict:
     return run_ours(model, steps, lr, beta, extra=BEFORE_FIXES)
 
 
+def run_ours_onednn(model: str, steps: int, lr: float, beta: float) -> dict:
+    return run_ours(model, steps, lr, beta, extra=("sampler.native_decode=false",))
+
+
 def run_ours_bf16(model: str, steps: int, lr: float, beta: float) -> dict:
     return run_ours(model, steps, lr, beta, extra=("trainer.mixed_precision=bf16",))
 
 
 WORKERS = {
     "ours": run_ours,
+    "ours-onednn": run_ours_onednn,
     "ours-before": run_ours_before,
     "ours-bf16": run_ours_bf16,
     "trl": run_trl,
     "trl-bf16": run_trl_bf16,
 }
 # trl-bf16: TRL's default precision (bf16 autocast), compared with ours-bf16 (the same);
+# ours-onednn: ours decoding with oneDNN's prepacked products instead of the native kernels (fix 8);
 # ours-before: ours without the fixes
-TRAINERS = ("trl", "ours", "ours-before", "trl-bf16", "ours-bf16")
-SAME_PRECISION = {"ours": "trl", "ours-before": "trl", "ours-bf16": "trl-bf16"}
+TRAINERS = ("trl", "ours", "ours-onednn", "ours-before", "trl-bf16", "ours-bf16")
+SAME_PRECISION = {"ours": "trl", "ours-onednn": "trl", "ours-before": "trl", "ours-bf16": "trl-bf16"}
 
 
 def worker_main(args) -> int:
@@ -347,7 +353,7 @@ def report(results, args) -> str:
     phases = ("sample_s", "logprob_s", "reward_s", "reward_wait_s", "update_s", "step_s")
     lines += ["| model | trainer | " + " | ".join(phases) + " |", "|---|---|" + "---:|" * len(phases)]
     for name in args.models.split(","):
-        for trainer in [t for t in ("ours", "ours-before", "ours-bf16") if t in args.trainers]:
+        for trainer in [t for t in TRAINERS if t.startswith("ours") and t in args.trainers]:
             rows = [row for m, t, _, r in results if m == name and t == trainer for row in r["rows"][1:]]
             cells = [statistics.median(row.get(f"timing/{k}", 0.0) for row in rows) for k in phases]
             lines.append(f"| {name} | {trainer} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
@@ -376,9 +382,14 @@ def write_outputs(results, table: str) -> None:
             if name_ != name:
                 continue
             steps = range(1, len(r["rows"]) + 1)
-            style = {"ours": "-", "ours-before": "-.", "ours-bf16": "-", "trl": "--", "trl-bf16": ":"}[
-                trainer
-            ]
+            style = {
+                "ours": "-",
+                "ours-onednn": "-",
+                "ours-before": "-.",
+                "ours-bf16": "-",
+                "trl": "--",
+                "trl-bf16": ":",
+            }[trainer]
             for j, key in enumerate(("reward", "loss")):
                 axes[i][j].plot(steps, [row.get(key) for row in r["rows"]], style, label=f"{trainer} #{rep}")
                 axes[i][j].set_title(f"{name}: {key}")

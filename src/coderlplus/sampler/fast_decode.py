@@ -11,6 +11,10 @@ forward as plain tensor ops:
 - keys/values live in one preallocated cache per layer (no concatenation per token);
 - q/k/v and gate/up projections are one matrix multiply each (weights concatenated once
   per ``generate`` call);
+- on a CPU with one torch thread and fp32 weights, each decode step runs every layer in one
+  call of the native kernel ``kernels/smallm`` (norms, projections straight from the
+  parameters, rotary, cache write, attention, MLP): no per-token tensor ops, and no weight is
+  concatenated or prepacked; otherwise large projections are prepacked for oneDNN (``_pack``);
 - decoding stops when every row has produced its end-of-sequence token.
 
 Only configurations whose maths it reproduces are accepted (``supports``): RMSNorm, SiLU
@@ -22,9 +26,12 @@ bias (Qwen2), grouped-query attention. Anything else goes through ``model.genera
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
+
+from coderlplus.kernels import smallm
 
 ARCHITECTURES = ("qwen2", "llama")
 
@@ -53,6 +60,22 @@ def supports(model) -> str | None:
         return f"unexpected module layout ({e})"
     return None
 
+
+# smallm.DecodeLayerWeights field -> the parameter of a Qwen2/Llama decoder layer (biases may be None)
+_NATIVE_PARAMS = {
+    "norm1": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "wo": "self_attn.o_proj.weight",
+    "norm2": "post_attention_layernorm.weight",
+    "wg": "mlp.gate_proj.weight",
+    "wu": "mlp.up_proj.weight",
+    "wd": "mlp.down_proj.weight",
+}
 
 _PACKABLE: dict[torch.dtype, bool] = {}  # dtype -> whether oneDNN's prepacked linear works here
 # Smaller weights are not packed: for them the plain kernel is as fast (measured here, 8 rows:
@@ -86,16 +109,44 @@ def _pack(w: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 class _Proj:
-    """A projection of the decoder: weight, bias and, on a CPU, the weight prepacked for a decode
-    step's ``rows`` (other row counts, the prefill's, use ``F.linear``)."""
+    """A projection of the decoder: weight, bias and how a decode step of ``rows`` rows multiplies
+    by it on a CPU — the native small-row kernel (``kernels/smallm``: fp32, one thread, few rows),
+    else the weight prepacked by oneDNN. Other row counts (the prefill's) use ``F.linear``.
 
-    __slots__ = ("b", "packed", "rows", "w")
+    ``parts`` (instead of ``w``/``b``): the ``(weight, bias)`` of q/k/v or gate/up kept apart,
+    for a layer that decodes with ``smallm.decode_layer`` (which reads them apart); then the
+    prefill multiplies by each and concatenates the outputs, and no weight is copied."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, rows: int, pack: bool):
-        self.w, self.b, self.rows = w, b, rows
-        self.packed = _pack(w, rows) if pack else None
+    __slots__ = ("b", "native", "packed", "parts", "rows", "w")
+
+    def __init__(
+        self,
+        w: torch.Tensor | None,
+        b: torch.Tensor | None,
+        rows: int,
+        pack: bool,
+        native: bool = True,
+        parts: list | None = None,
+    ):
+        self.w, self.b, self.rows, self.parts = w, b, rows, parts
+        self.native = (
+            parts is None
+            and native
+            and rows <= smallm.MAX_ROWS
+            and w.numel() >= _PACK_MIN
+            and smallm.usable(w, b)
+        )
+        self.packed = _pack(w, rows) if parts is None and pack and not self.native else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.w if self.parts is None else self.parts[0][0]).dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts is not None:
+            return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+        if self.native and x.shape[:-1].numel() == self.rows:
+            return smallm.linear(x.reshape(self.rows, -1), self.w, self.b).view(*x.shape[:-1], -1)
         if self.packed is not None and x.shape[:-1].numel() == self.rows:
             y = torch.ops.mkldnn._linear_pointwise(
                 x.reshape(self.rows, -1), self.packed, self.b, "none", [], ""
@@ -112,17 +163,20 @@ class _Layer:
     norm2: torch.Tensor
     gate_up: _Proj
     down: _Proj
+    native: smallm.DecodeLayerWeights | None = None  # set: decode steps run in smallm.decode_layer
 
 
 class FastDecoder:
     """Decode with the current weights of a Qwen2/Llama ``*ForCausalLM`` (see the module doc)."""
 
-    def __init__(self, model, pack: bool = True):
-        """``pack``: prepack the projections for the decode steps where the CPU allows (see ``_pack``)."""
+    def __init__(self, model, pack: bool = True, native: bool = True):
+        """``pack``: prepack the projections for the decode steps where the CPU allows (see ``_pack``);
+        ``native``: run decode steps through the native kernels where they can (one torch thread,
+        fp32, at most ``smallm.MAX_ROWS`` rows, the kernel built: see ``kernels/smallm.py``)."""
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"the fast decoder does not support this model: {reason}")
-        self.model, self.pack = model, pack
+        self.model, self.pack, self.native = model, pack, native
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -153,13 +207,25 @@ class FastDecoder:
                 start += len(w)
             return out
 
-        def proj(*ws, bias=None):
-            return _Proj(w_of(*ws), bias, rows, self.pack)
+        def native_layer(layer) -> smallm.DecodeLayerWeights | None:
+            if not self.native or dtype not in (None, torch.float32) or rows > smallm.MAX_ROWS:
+                return None
+            params = {name: attrgetter(path)(layer) for name, path in _NATIVE_PARAMS.items()}
+            return smallm.layer_weights(self.heads, **params)
+
+        natives = [native_layer(layer) for layer in m.model.layers]
+        apart = all(n is not None for n in natives)  # every layer decodes natively: no copies
+
+        def proj(*ws, biases=None):
+            biases = biases or [None] * len(ws)
+            if apart:
+                return _Proj(None, None, rows, False, parts=list(zip(ws, biases)))
+            bias = None if biases[0] is None else w_of(*biases)
+            return _Proj(w_of(*ws), bias, rows, self.pack, self.native)
 
         layers = []
-        for layer in m.model.layers:
+        for layer, native in zip(m.model.layers, natives):
             at, mlp = layer.self_attn, layer.mlp
-            biases = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
             layers.append(
                 _Layer(
                     norm1=layer.input_layernorm.weight,
@@ -167,15 +233,16 @@ class FastDecoder:
                         at.q_proj.weight,
                         at.k_proj.weight,
                         at.v_proj.weight,
-                        bias=None if biases[0] is None else w_of(*biases),
+                        biases=[at.q_proj.bias, at.k_proj.bias, at.v_proj.bias],
                     ),
                     o=proj(at.o_proj.weight),
                     norm2=layer.post_attention_layernorm.weight,
                     gate_up=proj(mlp.gate_proj.weight, mlp.up_proj.weight),
                     down=proj(mlp.down_proj.weight),
+                    native=native if apart else None,
                 )
             )
-        lm_head = _Proj(m.lm_head.weight, None, rows, self.pack)
+        lm_head = _Proj(m.lm_head.weight, None, rows, self.pack, self.native)
         return m.model.embed_tokens.weight, layers, m.model.norm.weight, lm_head
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # as Qwen2RMSNorm / LlamaRMSNorm
@@ -209,12 +276,14 @@ class FastDecoder:
         embed, layers, final_norm, _ = weights
         B, L = ids.shape
         H, K, d = self.heads, self.kv_heads, self.head_dim
+        if L == 1 and layers[0].native is not None:
+            return self._native_step(weights, ids, rotary, cache, start, key_mask)
         cos, sin = rotary
         x = F.embedding(ids, embed)
         end = start + L
         last = len(layers) - 1
         for i, w in enumerate(layers):
-            cd = w.qkv.w.dtype  # the matmuls' dtype
+            cd = w.qkv.dtype  # the matmuls' dtype
             qkv = w.qkv(self._norm(x, w.norm1).to(cd)).view(B, L, H + 2 * K, d)
             qk = qkv[:, :, : H + K]  # queries and keys rotate together
             qk = qk * cos + qk.roll(d // 2, -1) * sin
@@ -235,6 +304,21 @@ class FastDecoder:
             gate, up = w.gate_up(self._norm(x, w.norm2).to(cd)).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
         return self._norm(x[:, -1], final_norm)
+
+    def _native_step(self, weights, ids, rotary, cache, start, key_mask):
+        """``_forward`` of one token per row with each layer in one ``smallm.decode_layer`` call."""
+        embed, layers, final_norm, _ = weights
+        B = ids.shape[0]
+        x = F.embedding(ids[:, 0], embed)  # [B, hidden], a fresh contiguous tensor
+        cos, sin = (t.reshape(B, -1).contiguous() for t in rotary)
+        mask = key_mask.reshape(B, -1)  # [B, S]
+        inter = layers[0].native.wg.shape[0]
+        scratch = torch.empty(
+            smallm.scratch_size(B, x.shape[1], self.heads, self.kv_heads, self.head_dim, inter, mask.shape[1])
+        )
+        for w, (keys, values) in zip(layers, cache):
+            smallm.decode_layer(x, w.native, cos, sin, keys, values, mask, start, self.eps, scratch)
+        return self._norm(x, final_norm)
 
     # ------------------------------------------------------------------ generation
 

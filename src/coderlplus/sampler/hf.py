@@ -35,6 +35,10 @@ class HFSamplerConfig:
     """Decode Qwen2/Llama models with the lean built-in decoder (same tokens and log-probs as
     ``model.generate``, a fraction of its per-token overhead); false, or another architecture:
     ``model.generate``."""
+    native_decode: bool = True
+    """In the lean decoder on a CPU with one torch thread, multiply the decode steps' fp32
+    projections with the native small-row kernel (``kernels/smallm.c``, AVX2, compiled on first
+    use) instead of oneDNN's prepacked weights; falls back by itself where it cannot build."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -59,7 +63,7 @@ class HFSampler(Sampler):
         self.tokenizer = tokenizer
         self.fast = None
         if cfg.fast_decode and fast_decode.supports(model) is None:
-            self.fast = fast_decode.FastDecoder(model)
+            self.fast = fast_decode.FastDecoder(model, native=cfg.native_decode)
 
     def update_weights(self, state_dict=None) -> None:
         if state_dict is not None:  # a separate copy was handed in: load it
