@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import left_padded_prompts
 from test_e2e import SMOKE_LEARNS, _resolved
-from test_fast_decode import _llama, _prompts
+from test_fast_decode import _llama
 
 from coderlplus.config import ConfigError, TrainerConfig
 from coderlplus.kernels import KernelsConfig, sequence_logprobs
@@ -27,7 +28,7 @@ def model(request, tiny_model):
 
 
 def test_autocast_decoding_runs_bf16_projections_and_tracks_the_trainers_passes(model):
-    ids, mask = _prompts(model.config.vocab_size, [5, 12, 9], seed=3)
+    ids, mask = left_padded_prompts(model.config.vocab_size, [5, 12, 9], seed=3)
     n, T, temp = 4, 24, 0.8
     decoder = FastDecoder(model)
     with torch.autocast(**AMP):  # greedy, with and without autocast: the same tokens, bf16 numbers
@@ -49,7 +50,7 @@ def test_autocast_decoding_runs_bf16_projections_and_tracks_the_trainers_passes(
 
 def test_log_probs_under_autocast_keep_an_fp32_lm_head(tiny_model):
     model = tiny_model[0]
-    ids, mask = _prompts(model.config.vocab_size, [7, 11, 4], seed=5)
+    ids, mask = left_padded_prompts(model.config.vocab_size, [7, 11, 4], seed=5)
     T = 5
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     kc = KernelsConfig(shared_prefix=False, lean_forward=False)  # the body compared below: transformers
