@@ -36,9 +36,9 @@ class HFSamplerConfig:
     ``model.generate``, a fraction of its per-token overhead); false, or another architecture:
     ``model.generate``."""
     native_decode: bool = True
-    """In the lean decoder on a CPU with one torch thread, multiply the decode steps' fp32
-    projections with the native small-row kernel (``kernels/smallm.c``, AVX2, compiled on first
-    use) instead of oneDNN's prepacked weights; falls back by itself where it cannot build."""
+    """In the lean decoder on a CPU with one torch thread, run each fp32 decode step of up to 16
+    rows as one native call per layer (``kernels/smallm.c``, AVX2/FMA, compiled on first use)
+    instead of torch ops on oneDNN-prepacked weights; falls back by itself where it cannot."""
 
     def __post_init__(self):
         if self.temperature < 0:
