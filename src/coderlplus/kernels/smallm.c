@@ -5,7 +5,7 @@
  * For each row of w (K floats, kept in L1) every row of x is multiplied in blocks of 8, 4, 2
  * and 1 rows; each block keeps one 8-wide accumulator per x row in a register, so a weight
  * vector loaded once feeds up to 8 fused multiply-adds. The weight rows stream from memory
- * once per call, the next row prefetched while this one is used. AVX2 + FMA.
+ * once per call, the next row prefetched while this one is used.
  * Built and loaded by smallm.py.
  */
 #include <immintrin.h>

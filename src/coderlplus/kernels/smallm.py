@@ -88,6 +88,8 @@ def _build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
+    if "lib" in _state:  # settled: no lock on the decode path
+        return _state["lib"]
     with _lock:
         if "lib" in _state:
             return _state["lib"]
@@ -156,15 +158,18 @@ def usable(w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` for a 2-D fp32 ``x`` of at most ``MAX_ROWS`` rows (``usable(w, b)``
-    must hold). No autograd: for no-grad passes (decoding)."""
+    """``F.linear(x, w, b)`` for a 2-D fp32 ``x`` (fastest up to ``MAX_ROWS`` rows) and a contiguous
+    fp32 CPU weight; callers pick it with ``usable(w, b)`` once, not per call. No autograd: for
+    no-grad passes (decoding)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"smallm kernel unavailable: {_state['why']}")
-    if not usable(w, b):
+    if w.dim() != 2 or w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
         raise ValueError(
-            f"smallm.linear: weight {tuple(w.shape)} {w.dtype} or bias not usable (see usable())"
+            f"smallm.linear: weight {tuple(w.shape)} {w.dtype} is not a contiguous fp32 CPU matrix"
         )
+    if b is not None and (b.dtype != torch.float32 or not b.is_contiguous() or b.device.type != "cpu"):
+        raise ValueError(f"smallm.linear: bias {b.dtype} is not a contiguous fp32 CPU vector")
     if x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] != w.shape[1] or x.device.type != "cpu":
         raise ValueError(f"smallm.linear: x {tuple(x.shape)} {x.dtype} does not fit w {tuple(w.shape)}")
     if b is not None and b.shape != (w.shape[0],):
