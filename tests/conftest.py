@@ -147,6 +147,10 @@ def vllm_model_dir():
     return ensure_tiny_model(TinyModelConfig(**VLLM_TEST_MODEL))
 
 
+HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None or shutil.which("gcc") is not None
+"""Whether native code (the sandbox's forkrun.c, the decode kernels) can be built here."""
+
+
 def left_padded_prompts(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompt ids and attention mask ``[len(lengths), max(lengths)]``, left-padded with 0
     as the samplers build them."""

@@ -5,23 +5,28 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import HAVE_CC
 
 from coderlplus.execution import ExecResult, Sandbox, compare_output, extract_code
 
 TIMEOUT_S = 1.0
 
 
-@pytest.fixture(scope="module", params=["bwrap", "rlimit"])
+@pytest.fixture(scope="module", params=["bwrap", "rlimit", "bwrap-python", "rlimit-python"])
 def sandbox(request):
-    """The behaviour tests run in both isolation modes (bwrap must really start: no fallback)."""
+    """The behaviour tests run in both isolation modes (bwrap must really start: no fallback),
+    each with the servers' C fork loop (forkrun.c) and with the Python one."""
+    isolation, _, loop = request.param.partition("-")
     sb = Sandbox(
         timeout_s=TIMEOUT_S,
         memory_mb=512,
         max_output_bytes=65536,
         workers=2,
-        isolation=request.param,
+        isolation=isolation,
         require_isolation=True,
+        native=loop != "python",
     )
+    assert sb.native == (loop != "python" and HAVE_CC)
     yield sb
     sb.close()
 
@@ -343,3 +348,64 @@ def test_extract_fence_glued_to_last_line():
 def test_extract_new_block_opened_inside_open_block():
     text = "```python\nprint('draft')\n```python\nprint('final')\n```"
     assert extract_code(text) == "print('final')\n"
+
+
+# --------------------------------------------------------------------------- the two fork loops
+
+# Programs whose results must not depend on which fork loop ran them: stdin, exit codes,
+# exceptions (traceback lines), stderr longer than the kept tail, a multi-byte character cut
+# by that tail, invalid UTF-8, stdout over the cap, the CPU and wall limits, memory, signals,
+# a folder left with files, an orphan still running, closed stdout.
+AGREE = [
+    ("print(input()[::-1])", "abc\n"),
+    ("import sys\nprint(sum(map(int, sys.stdin.read().split())))", "1 2 3\n4\n"),
+    ("import sys; sys.exit(7)", ""),
+    ("def f():\n    raise KeyError('k')\nf()", ""),
+    ("import sys\nfor i in range(3000): print(i, 'x' * 10, file=sys.stderr)", ""),
+    ("import sys\nsys.stderr.write('\u00e9' * 20000)", ""),
+    ("import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe bad\\n')", ""),
+    ("print('y' * 70000)", ""),
+    ("while True: pass", ""),
+    ("import time; time.sleep(5)", ""),
+    ("x = bytearray(2 << 30)", ""),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", ""),
+    ("open('f.txt', 'w').write('data'); print(open('f.txt').read())", ""),
+    ("import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(30)\nprint('parent')", ""),
+    ("import os; os.close(1)", ""),
+    ("", ""),
+]
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: only the Python fork loop exists here")
+def test_the_c_and_python_fork_loops_agree():
+    results = {}
+    for native in (True, False):
+        with Sandbox(timeout_s=TIMEOUT_S, memory_mb=512, workers=2, isolation="rlimit", native=native) as sb:
+            assert sb.native is native
+            results[native] = sb.run_many(AGREE)
+    for (code, _), c, py in zip(AGREE, results[True], results[False], strict=True):
+        assert (c.status, c.stdout, c.stderr) == (py.status, py.stdout, py.stderr), code
+        if c.status != "output_limit":  # the kill may come before or after the writer's own exit
+            assert c.returncode == py.returncode, code
+    by_code = dict(zip([code for code, _ in AGREE], results[True], strict=True))
+    assert by_code["print(input()[::-1])"].stdout == "cba\n"
+    assert by_code["import sys; sys.exit(7)"].returncode == 7
+    assert by_code["while True: pass"].status == "timeout"
+    assert by_code["import time; time.sleep(5)"].status == "timeout"
+    assert by_code["x = bytearray(2 << 30)"].status == "memory"
+    assert by_code["print('y' * 70000)"].status == "output_limit"
+    assert "\ufffd" in by_code["import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe bad\\n')"].stdout
+    tail = by_code["import sys\nfor i in range(3000): print(i, 'x' * 10, file=sys.stderr)"].stderr
+    assert tail.endswith("2999 xxxxxxxxxx\n") and len(tail.encode()) <= 8192
+
+
+def test_without_a_compiler_the_python_fork_loop_runs(monkeypatch, tmp_path):
+    from coderlplus.execution import sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "_forkrun_state", {})
+    monkeypatch.setenv("CODERLPLUS_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation="rlimit") as sb:
+        assert sb.native is False
+        assert sb.run("print(6 * 7)").stdout == "42\n"
+    assert "no-such-compiler" in sandbox_module._forkrun_state["why"]

@@ -12,6 +12,8 @@ Measures, in one run and side by side:
 Executors:
 
 * ``pool-bwrap``: ``Sandbox(isolation="bwrap", require_isolation=True)`` (the default);
+* ``pool-bwrap-pyloop``: ``pool-bwrap`` with ``native=False`` (the servers' Python fork loop
+  instead of ``forkrun.c``: the A/B of that change);
 * ``pool-rlimit``: ``Sandbox(isolation="rlimit")``;
 * ``baseline``: the approach of the official CodeRL+ code: every program is written to a
   file and run by a fresh ``subprocess.run([sys.executable, file], input=stdin,
@@ -48,9 +50,9 @@ from coderlplus.tasks.tinycode import generate_split
 HERE = Path(__file__).resolve().parent
 TRIVIAL = "print(sum(range(100)))"
 TRIVIAL_OUT = "4950"
-EXECUTORS = ("baseline", "pool-bwrap", "pool-bwrap-per-test", "pool-rlimit")
+EXECUTORS = ("baseline", "pool-bwrap", "pool-bwrap-pyloop", "pool-bwrap-per-test", "pool-rlimit")
 WORKLOAD_EXECUTORS = {  # a per-test pool runs trivial programs exactly as pool-bwrap does
-    "trivial": ("baseline", "pool-bwrap", "pool-rlimit"),
+    "trivial": ("baseline", "pool-bwrap", "pool-bwrap-pyloop", "pool-rlimit"),
     "tinycode": EXECUTORS,
 }
 
@@ -109,8 +111,10 @@ class Baseline:
 class Pool:
     """Our :class:`Sandbox`, with one isolation mode."""
 
-    def __init__(self, isolation: str, workers: int, timeout_s: float, batch_tests: bool = True):
-        self.name = f"pool-{isolation}" + ("" if batch_tests else "-per-test")
+    def __init__(
+        self, isolation: str, workers: int, timeout_s: float, batch_tests: bool = True, native: bool = True
+    ):
+        self.name = f"pool-{isolation}" + ("" if batch_tests else "-per-test") + ("" if native else "-pyloop")
         t0 = time.perf_counter()
         self.sandbox = Sandbox(
             timeout_s=timeout_s,
@@ -119,7 +123,10 @@ class Pool:
             isolation=isolation,
             require_isolation=True,
             batch_tests=batch_tests,
+            native=native,
         )
+        if native and not self.sandbox.native:
+            print(f"note: {self.name} runs the Python fork loop (forkrun.c could not be built)")
         self.startup_s = time.perf_counter() - t0
 
     def run_many(self, items: Sequence[Item]) -> list[ExecResult]:
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     executors = {
         "baseline": Baseline(workers, args.timeout),
         "pool-bwrap": Pool("bwrap", workers, args.timeout),
+        "pool-bwrap-pyloop": Pool("bwrap", workers, args.timeout, native=False),
         "pool-bwrap-per-test": Pool("bwrap", workers, args.timeout, batch_tests=False),
         "pool-rlimit": Pool("rlimit", workers, args.timeout),
     }

@@ -45,6 +45,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -101,8 +102,6 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def _load_libc():
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True)
     except Exception:
         return None
@@ -551,9 +550,7 @@ def _child(code, stdins, out_w, err_w, trace_w, ctl_w, ack_r, trace_opts, workdi
             keep = 5
         os.closerange(keep, 1 << 16)
         os.chdir(workdir)
-        linecache = sys.modules.get("linecache")
-        if linecache is not None:  # so that tracebacks show the program's lines
-            linecache.cache["<program>"] = (len(code), None, code.splitlines(True), "<program>")
+        _cache_lines(code)
         _set_limits(_LIMITS if len(stdins) == 1 else _batch_limits(len(stdins)))
     except BaseException as e:
         with contextlib.suppress(BaseException):
@@ -566,17 +563,7 @@ def _child(code, stdins, out_w, err_w, trace_w, ctl_w, ack_r, trace_opts, workdi
                 _next_run(stdin, workdir)
             except BaseException:
                 os._exit(EXIT_SETUP)
-        atexit._clear()
-        main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = main
-        rc = _run_program(code, main, tracer)
-        for f in (sys.stdout, _STDIO[1], sys.stderr, _STDIO[2]):
-            with contextlib.suppress(BaseException):
-                f.flush()
-        if tracer is not None and rc != EXIT_MEMORY:
-            with contextlib.suppress(BaseException):
-                _write_trace(3, tracer, main)
+        rc = _one_run(code, tracer)
         # Threads end a batch: the interpreter's thread shutdown has run and cannot run twice
         # (threads, executors, their at-exit hooks); the next runs go to a fresh child.
         if i == last or rc == EXIT_MEMORY or "threading" in sys.modules:
@@ -587,6 +574,28 @@ def _child(code, stdins, out_w, err_w, trace_w, ctl_w, ack_r, trace_opts, workdi
                 os._exit(rc)
         except BaseException:  # the program closed our pipes: end here, the server reruns the rest
             os._exit(rc)
+
+
+def _one_run(code: str, tracer=None) -> int:
+    """Run the program once in a fresh ``__main__``, flush its streams; its exit code."""
+    atexit._clear()
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    rc = _run_program(code, main, tracer)
+    for f in (sys.stdout, _STDIO[1], sys.stderr, _STDIO[2]):
+        with contextlib.suppress(BaseException):
+            f.flush()
+    if tracer is not None and rc != EXIT_MEMORY:
+        with contextlib.suppress(BaseException):
+            _write_trace(3, tracer, main)
+    return rc
+
+
+def _cache_lines(code: str) -> None:
+    linecache = sys.modules.get("linecache")
+    if linecache is not None:  # so that tracebacks show the program's lines
+        linecache.cache["<program>"] = (len(code), None, code.splitlines(True), "<program>")
 
 
 def _set_stdin(stdin: str) -> None:
@@ -752,6 +761,8 @@ _running_child = 0  # pid of the program running now (0: none)
 
 def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None = None) -> dict:
     """Run ``code`` on ``stdin`` in a fresh child; the response dict (see the protocol)."""
+    if _NATIVE is not None and trace_opts is None:
+        return _run_native(code, stdin, cfg, base)
     return _run_child(code, [stdin], cfg, base, trace_opts)[0]
 
 
@@ -886,6 +897,19 @@ def _run_child(code: str, stdins: list, cfg: dict, base: str, trace_opts: dict |
         if not _remove_dir(workdir):
             anomaly = anomaly or "could not remove the program's work folder"
 
+    cpu_kill = float(cfg["cpu_s"]) if not batched else len(stdins) * (_CPU_S + 1)
+    status, returncode, anomaly = _finish(
+        status, wstatus, rusage.ru_utime + rusage.ru_stime, cpu_kill, anomaly
+    )
+    last = _result(status, out, err, returncode, duration)
+    last["trace"] = _parse_trace(trace) if trace_opts is not None else None
+    last["anomaly"] = anomaly  # reported once per request: the parent replaces this server
+    results.append(last)
+    return results
+
+
+def _finish(status: str | None, wstatus: int, cpu: float, cpu_kill: float, anomaly: str | None) -> tuple:
+    """(status, returncode, anomaly) of a reaped child; ``status`` if the server already knows it."""
     returncode = None
     if os.WIFEXITED(wstatus):
         returncode = os.WEXITSTATUS(wstatus)
@@ -897,16 +921,133 @@ def _run_child(code: str, stdins: list, cfg: dict, base: str, trace_opts: dict |
         status = _status_of_exit(returncode)
         if status == "killed":
             sig = -returncode if returncode is not None else 0
-            cpu = rusage.ru_utime + rusage.ru_stime
-            cpu_kill = float(cfg["cpu_s"]) if not batched else len(stdins) * (_CPU_S + 1)
             if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_kill - 0.05):
                 status = "timeout"  # the CPU-time limit
-    last = _result(status, out, err, returncode, duration)
-    last["trace"] = _parse_trace(trace) if trace_opts is not None else None
-    results.append(last)
-    if anomaly:  # reported once per request: the parent replaces this server
-        results[-1]["anomaly"] = anomaly
-    return results
+    return status, returncode, anomaly
+
+
+# --------------------------------------------------------------------------- native path
+
+# forkrun.c does a single run's fork, the child's set-up and the server's collection in C
+# (the Python of _run_child touches ~160 pages of the server and ~70 of the child per
+# program after the fork, each a page fault). The trainer compiles it and sends the library
+# in the config (the sandbox cannot see the trainer's files); without it, or for batches and
+# traces, _run_child does the same in Python.
+
+
+class _Limit(ctypes.Structure):
+    _fields_ = [("resource", ctypes.c_int), ("soft", ctypes.c_long), ("hard", ctypes.c_long)]
+
+
+class _Job(ctypes.Structure):  # forkrun.c's fr_job, field for field
+    _fields_ = [
+        ("workdir", ctypes.c_char_p),
+        ("stdin_data", ctypes.c_char_p),
+        ("stdin_len", ctypes.c_long),
+        ("limits", ctypes.POINTER(_Limit)),
+        ("n_limits", ctypes.c_int),
+        ("contained", ctypes.c_int),
+        ("server_pid", ctypes.c_int),
+        ("timeout_s", ctypes.c_double),
+        ("out_cap", ctypes.c_long),
+        ("err_cap", ctypes.c_long),
+        ("err_keep", ctypes.c_long),
+        ("out_buf", ctypes.c_void_p),
+        ("err_buf", ctypes.c_void_p),
+        ("check_signals", ctypes.c_void_p),
+        ("out_len", ctypes.c_long),
+        ("out_total", ctypes.c_long),
+        ("err_len", ctypes.c_long),
+        ("err_total", ctypes.c_long),
+        ("pid", ctypes.c_int),
+        ("running", ctypes.c_int),
+        ("wstatus", ctypes.c_int),
+        ("timed_out", ctypes.c_int),
+        ("output_limit", ctypes.c_int),
+        ("others_left", ctypes.c_int),
+        ("workdir_left", ctypes.c_int),
+        ("cpu_s", ctypes.c_double),
+        ("duration_s", ctypes.c_double),
+    ]
+
+
+_NATIVE = None  # (fr_run, the job it fills) once _load_native succeeded
+
+
+def _load_native(cfg: dict, base: str) -> str | None:
+    """Load the library sent in ``cfg["forkrun"]`` (base64); None, or why it is not used."""
+    global _NATIVE
+    blob = cfg.get("forkrun")
+    if not blob:
+        return "not sent"
+    try:
+        import binascii
+
+        fd = os.memfd_create("forkrun", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, binascii.a2b_base64(blob))
+            lib = ctypes.PyDLL(f"/proc/self/fd/{fd}")  # PyDLL: the GIL stays held (no threads here)
+        finally:
+            os.close(fd)
+        lib.fr_run.argtypes = [ctypes.POINTER(_Job)]
+        lib.fr_run.restype = ctypes.c_int
+        lib.fr_alloc.argtypes = [ctypes.c_long]
+        lib.fr_alloc.restype = ctypes.c_void_p
+        cap = int(cfg["max_output_bytes"])
+        limits = (_Limit * len(_LIMITS))(*[_Limit(res, soft, hard) for res, (soft, hard) in _LIMITS])
+        job = _Job(
+            workdir=os.path.join(base, WORKDIR).encode(),
+            limits=limits,
+            n_limits=len(_LIMITS),
+            contained=1 if cfg.get("contained") else 0,
+            server_pid=os.getpid(),
+            timeout_s=float(cfg["timeout_s"]),
+            out_cap=cap,
+            err_cap=max(cap, 1 << 20),
+            err_keep=STDERR_TAIL_BYTES,
+            out_buf=lib.fr_alloc(cap),
+            err_buf=lib.fr_alloc(2 * STDERR_TAIL_BYTES + 65536),  # forkrun.c: 2 * err_keep + a read
+            check_signals=ctypes.cast(ctypes.pythonapi.PyErr_CheckSignals, ctypes.c_void_p),
+        )
+        if not job.out_buf or not job.err_buf:
+            return "no memory for the output buffers"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    _NATIVE = (lib.fr_run, job)
+    return None
+
+
+def _run_native(code: str, stdin: str, cfg: dict, base: str) -> dict:
+    """``run_one`` without a trace, through forkrun.c (same results as ``_run_child``)."""
+    fr_run, job = _NATIVE
+    data = stdin.encode("utf-8", "replace")
+    job.stdin_data, job.stdin_len = data, len(data)
+    pid = fr_run(ctypes.byref(job))
+    if pid == 0:  # the child, set up: run the program
+        try:
+            _cache_lines(code)
+        except BaseException:
+            os._exit(EXIT_SETUP)
+        os._exit(_one_run(code))
+    if pid < 0:  # (a signal handler that raised, e.g. KeyboardInterrupt, is raised by ctypes)
+        raise OSError(-pid, f"forkrun: {os.strerror(-pid)}")
+    anomaly = None
+    if job.others_left and not _reap_orphans():
+        anomaly = "processes left by the program would not die"
+    if job.workdir_left and not _remove_dir(os.path.join(base, WORKDIR)):
+        anomaly = anomaly or "could not remove the program's work folder"
+    status = "timeout" if job.timed_out else "output_limit" if job.output_limit else None
+    status, returncode, anomaly = _finish(status, job.wstatus, job.cpu_s, float(cfg["cpu_s"]), anomaly)
+    err = ctypes.string_at(job.err_buf, job.err_len)[-STDERR_TAIL_BYTES:]
+    return {
+        "status": status,
+        "stdout": ctypes.string_at(job.out_buf, job.out_len).decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "duration_s": job.duration_s,
+        "returncode": returncode,
+        "anomaly": anomaly,
+        "trace": None,
+    }
 
 
 def _status_of_exit(returncode: int | None) -> str:
@@ -982,6 +1123,7 @@ def main() -> None:
     _preload()
     _LIMITS[:] = _limits(cfg)
     _CPU_S, _RECURSION_LIMIT = int(cfg["cpu_s"]), sys.getrecursionlimit()
+    native_off = _load_native(cfg, base)
     gc.collect()
     gc.freeze()  # keep the collector off the preloaded objects in the children (fewer page copies)
     os.environ.pop("PWD", None)  # bwrap's; each program gets its own folder
@@ -991,6 +1133,8 @@ def main() -> None:
         "uid": os.getuid(),
         "outer_uid": os.environ.pop("CODERLPLUS_SANDBOX_OUTER_UID", None),  # not for programs
         "python": sys.version.split()[0],
+        "native": native_off is None,
+        "native_off": native_off,
     }
     _send(wfd, hello)
     while True:
@@ -1077,9 +1221,10 @@ def _prepare_for_children(base: str) -> None:
 
 
 def _on_parent_death(*_) -> None:
+    running = _running_child or (_NATIVE[1].running if _NATIVE is not None else 0)
     with contextlib.suppress(OSError):
-        if _running_child:
-            os.killpg(_running_child, signal.SIGKILL)
+        if running:
+            os.killpg(running, signal.SIGKILL)
     for _ in range(3):
         for pid in _children_of(os.getpid()):
             with contextlib.suppress(OSError):

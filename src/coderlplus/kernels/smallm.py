@@ -9,7 +9,7 @@ weight vector feeding up to 8 fused multiply-adds. Around the products, a token'
 small tensor ops of a few microseconds each in torch; ``decode_layer`` runs the whole layer
 (norms, projections, rotary, cache write, attention, MLP) in one call.
 
-The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into
+The C file is compiled on first use (:mod:`coderlplus.cbuild`: ``$CC``, else ``cc``) into
 ``$CODERLPLUS_KERNEL_CACHE`` (default ``~/.cache/coderlplus/kernels``), named by a hash of the
 source and flags, and loaded with ``ctypes``. Where that is not possible — not x86-64, no
 AVX2/FMA, no compiler, a failed build, or a first product that disagrees with ``F.linear`` —
@@ -20,10 +20,7 @@ It is single-threaded: callers use it only when torch runs one thread (``usable`
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import platform
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -31,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from coderlplus import cbuild
 
 SOURCE = Path(__file__).with_name("smallm.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
@@ -59,34 +58,6 @@ def _cpu_reason() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("CODERLPLUS_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "coderlplus" / "kernels"
-
-
-def _build() -> Path:
-    """The compiled library (built now unless the cache has this source and flags)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"smallm-{key}.so"
-    if out.exists():
-        return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (set $CC, or install gcc)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders each rename their own
-    cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-    os.replace(tmp, out)
-    return out
-
-
 def _load() -> ctypes.CDLL | None:
     if "lib" in _state:  # settled: no lock on the decode path
         return _state["lib"]
@@ -96,7 +67,7 @@ def _load() -> ctypes.CDLL | None:
         lib, why = None, _cpu_reason()
         if why is None:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                lib = ctypes.CDLL(str(cbuild.build(SOURCE, FLAGS, LIBS)))
                 lib.smallm_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 4
                 lib.smallm_linear.restype = None
                 lib.smallm_decode_layer.argtypes = (
