@@ -409,3 +409,31 @@ def test_without_a_compiler_the_python_fork_loop_runs(monkeypatch, tmp_path):
         assert sb.native is False
         assert sb.run("print(6 * 7)").stdout == "42\n"
     assert "no-such-compiler" in sandbox_module._forkrun_state["why"]
+
+
+def test_a_long_stretch_of_single_runs_keeps_order_through_hand_backs():
+    """64 programs to one server (chunks of 16): the C loop hands programs with bad UTF-8
+    output, files left behind or a live orphan back to Python mid-stretch and goes on."""
+    items, expected = [], []
+    for i in range(64):
+        kind = i % 4
+        if kind == 0:
+            items.append((f"print({i} * 3)", ""))
+            expected.append(("ok", f"{i * 3}\n"))
+        elif kind == 1:
+            items.append((f"import sys\nsys.stdout.buffer.write(b'{i}\\xff\\n')", ""))
+            expected.append(("ok", f"{i}\ufffd\n"))
+        elif kind == 2:
+            items.append((f"open('left.txt', 'w').write('x')\nprint(input() + '{i}')", "in"))
+            expected.append(("ok", f"in{i}\n"))
+        else:
+            items.append(
+                (f"import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(30)\nprint({i})", "")
+            )
+            expected.append(("ok", f"{i}\n"))
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation="bwrap", require_isolation=True) as sb:
+        assert sb.native == HAVE_CC
+        results = sb.run_many(items)
+        assert [(r.status, r.stdout) for r in results] == expected
+        assert sb.stats["anomalies"] == 0 and sb.stats["restarts"] == 0
+        assert sb.run("import os; print(sorted(os.listdir('.')))").stdout == "[]\n"  # folders emptied

@@ -172,6 +172,9 @@ class ExecutionConfig:
     batch_tests: bool = True
     """Run a program's stdin/stdout tests in one child process (each with its own stdin,
     output, limits, fresh __main__), not one process per test; see Sandbox."""
+    native: bool = True
+    """Run single programs through the servers' C fork loop (forkrun.c, built on first use
+    with the system's C compiler; without one the Python loop runs); false = Python only."""
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.memory_mb < 16 or self.max_output_bytes < 1:

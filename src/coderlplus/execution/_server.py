@@ -8,7 +8,8 @@ and the programs it forks see a small interpreter.
 
 Protocol, on the server's stdin (requests) and stdout (responses): frames of a
 4-byte big-endian length followed by UTF-8 JSON. First the server sends a hello
-``{"ready": true, "pid", "uid", "outer_uid", "python"}``; then the parent sends
+``{"ready": true, "pid", "uid", "outer_uid", "python", "native", "native_off"}``
+(``native``: the C fork loop is in use; ``native_off``: why not); then the parent sends
 chunks ``{"chunk": [request, ...]}`` and the server answers each request of a chunk
 with its own frame as soon as it is done, in order (so the server goes from one
 program to the next without waiting for the parent, and the parent knows which
@@ -38,6 +39,11 @@ timeout by killing the child's process group, and, being a *child subreaper*,
 adopts and kills whatever the program left running (even processes that called
 ``setsid()``). The server never runs program code itself. It exits when its
 stdin reaches EOF (the parent closed it or died).
+
+Stretches of single runs without a trace go through ``forkrun.c`` (the library the
+parent sends in the config as ``"forkrun"``, base64): the same steps in C, answers
+included, so that the server runs no Python between two forks. Batches, traces and
+anything the C loop hands back (see ``_serve_native``) take the Python path.
 """
 
 from __future__ import annotations
@@ -220,9 +226,7 @@ def _run_program(code: str, module: types.ModuleType, tracer=None) -> int:
         threading = sys.modules.get("threading")
         if threading is not None and threading.active_count() > 1:
             threading._shutdown()
-        import atexit
-
-        atexit._run_exitfuncs()
+        atexit._run_exitfuncs()  # the module imported above: a program's rebinding does not matter
     except SystemExit as e:
         rc = _exit_code(e)
     except MemoryError:
@@ -584,8 +588,10 @@ def _one_run(code: str, tracer=None) -> int:
     sys.modules["__main__"] = main
     rc = _run_program(code, main, tracer)
     for f in (sys.stdout, _STDIO[1], sys.stderr, _STDIO[2]):
-        with contextlib.suppress(BaseException):
+        try:  # noqa: SIM105 - a plain try costs the child less than contextlib.suppress
             f.flush()
+        except BaseException:
+            pass
     if tracer is not None and rc != EXIT_MEMORY:
         with contextlib.suppress(BaseException):
             _write_trace(3, tracer, main)
@@ -928,11 +934,11 @@ def _finish(status: str | None, wstatus: int, cpu: float, cpu_kill: float, anoma
 
 # --------------------------------------------------------------------------- native path
 
-# forkrun.c does a single run's fork, the child's set-up and the server's collection in C
-# (the Python of _run_child touches ~160 pages of the server and ~70 of the child per
-# program after the fork, each a page fault). The trainer compiles it and sends the library
-# in the config (the sandbox cannot see the trainer's files); without it, or for batches and
-# traces, _run_child does the same in Python.
+# forkrun.c runs stretches of single runs: fork, the child's set-up, the collection of its
+# output and the answer, in C (after a fork every page the server writes is a page fault:
+# the Python of _run_child and the answer touched ~170 per program, fr_serve ~15). The
+# trainer compiles it and sends the library in the config (the sandbox cannot see the
+# trainer's files); without it, or for batches and traces, _run_child does the same.
 
 
 class _Limit(ctypes.Structure):
@@ -955,6 +961,8 @@ class _Job(ctypes.Structure):  # forkrun.c's fr_job, field for field
         ("out_buf", ctypes.c_void_p),
         ("err_buf", ctypes.c_void_p),
         ("check_signals", ctypes.c_void_p),
+        ("cpu_kill", ctypes.c_double),
+        ("index", ctypes.c_int),
         ("out_len", ctypes.c_long),
         ("out_total", ctypes.c_long),
         ("err_len", ctypes.c_long),
@@ -971,7 +979,7 @@ class _Job(ctypes.Structure):  # forkrun.c's fr_job, field for field
     ]
 
 
-_NATIVE = None  # (fr_run, the job it fills) once _load_native succeeded
+_NATIVE = None  # (the library, the job fr_serve fills) once _load_native succeeded
 
 
 def _load_native(cfg: dict, base: str) -> str | None:
@@ -989,8 +997,14 @@ def _load_native(cfg: dict, base: str) -> str | None:
             lib = ctypes.PyDLL(f"/proc/self/fd/{fd}")  # PyDLL: the GIL stays held (no threads here)
         finally:
             os.close(fd)
-        lib.fr_run.argtypes = [ctypes.POINTER(_Job)]
-        lib.fr_run.restype = ctypes.c_int
+        lib.fr_serve.argtypes = [
+            ctypes.POINTER(_Job),
+            ctypes.POINTER(_Req),
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        lib.fr_serve.restype = ctypes.c_int
         lib.fr_alloc.argtypes = [ctypes.c_long]
         lib.fr_alloc.restype = ctypes.c_void_p
         cap = int(cfg["max_output_bytes"])
@@ -1008,36 +1022,104 @@ def _load_native(cfg: dict, base: str) -> str | None:
             out_buf=lib.fr_alloc(cap),
             err_buf=lib.fr_alloc(2 * STDERR_TAIL_BYTES + 65536),  # forkrun.c: 2 * err_keep + a read
             check_signals=ctypes.cast(ctypes.pythonapi.PyErr_CheckSignals, ctypes.c_void_p),
+            cpu_kill=float(cfg["cpu_s"]),
         )
         if not job.out_buf or not job.err_buf:
             return "no memory for the output buffers"
     except Exception as e:
         return f"{type(e).__name__}: {e}"
-    _NATIVE = (lib.fr_run, job)
+    _NATIVE = (lib, job)
     return None
+
+
+class _Req(ctypes.Structure):  # forkrun.c's fr_req
+    _fields_ = [("stdin_data", ctypes.c_char_p), ("stdin_len", ctypes.c_long)]
+
+
+_FR_DONE, _FR_CHILD, _FR_PYTHON, _FR_GONE = 0, 1, 2, 3  # fr_serve's answers
+
+
+def _native_ok(req) -> bool:
+    """Whether fr_serve can run ``req``: one run without a trace, well formed."""
+    return (
+        isinstance(req, dict)
+        and isinstance(req.get("code"), str)
+        and isinstance(req.get("stdin", ""), str)
+        and "stdins" not in req
+        and not req.get("trace")
+    )
+
+
+def _requests_array(requests: list):
+    stdins = [req.get("stdin", "").encode("utf-8", "replace") for req in requests]
+    return (_Req * len(stdins))(*[_Req(data, len(data)) for data in stdins])
+
+
+def _serve_native(requests: list, cfg: dict, base: str, wfd: int) -> bool | None:
+    """Run and answer ``requests`` (all ``_native_ok``) through fr_serve.
+
+    fr_serve hands a run back to Python when its answer needs Python: orphans still
+    running or files in the work folder (``_reap_orphans``, ``_remove_dir``), a child that
+    failed its set-up (an anomaly), output that is not valid UTF-8 (decoded with
+    "replace" here), a child that could not be started (an error answer). True: all
+    answered; False: one left an anomaly (the rest of the chunk goes to a fresh
+    server); None: the trainer is gone.
+    """
+    lib, job = _NATIVE
+    reqs = _requests_array(requests)
+    start = 0
+    while start < len(requests):
+        rc = lib.fr_serve(ctypes.byref(job), reqs, start, len(requests), wfd)
+        i = job.index
+        if rc == _FR_CHILD:
+            _native_child(requests[i]["code"])
+        if rc == _FR_DONE:
+            return True
+        if rc == _FR_GONE:
+            return None
+        try:  # (a signal handler that raised, e.g. KeyboardInterrupt, is raised by ctypes)
+            if rc < 0:
+                raise OSError(-rc, f"forkrun: {os.strerror(-rc)}")
+            resp = _native_response(job, cfg, base)
+        except Exception as e:
+            resp = _error_response(e, requests[i])
+        if not _send(wfd, resp):
+            return None
+        if resp["anomaly"]:
+            return False
+        start = i + 1
+    return True
 
 
 def _run_native(code: str, stdin: str, cfg: dict, base: str) -> dict:
     """``run_one`` without a trace, through forkrun.c (same results as ``_run_child``)."""
-    fr_run, job = _NATIVE
-    data = stdin.encode("utf-8", "replace")
-    job.stdin_data, job.stdin_len = data, len(data)
-    pid = fr_run(ctypes.byref(job))
-    if pid == 0:  # the child, set up: run the program
-        try:
-            _cache_lines(code)
-        except BaseException:
-            os._exit(EXIT_SETUP)
-        os._exit(_one_run(code))
-    if pid < 0:  # (a signal handler that raised, e.g. KeyboardInterrupt, is raised by ctypes)
-        raise OSError(-pid, f"forkrun: {os.strerror(-pid)}")
+    lib, job = _NATIVE
+    rc = lib.fr_serve(ctypes.byref(job), _requests_array([{"stdin": stdin}]), 0, 1, -1)
+    if rc == _FR_CHILD:
+        _native_child(code)
+    if rc < 0:
+        raise OSError(-rc, f"forkrun: {os.strerror(-rc)}")
+    return _native_response(job, cfg, base)
+
+
+def _native_child(code: str) -> None:
+    """In the child fr_serve set up: run the program; never returns."""
+    try:
+        _cache_lines(code)
+    except BaseException:
+        os._exit(EXIT_SETUP)
+    os._exit(_one_run(code))
+
+
+def _native_response(job: _Job, cfg: dict, base: str) -> dict:
+    """The answer to a run fr_serve handed back: clean-up and statuses as ``_run_child``."""
     anomaly = None
     if job.others_left and not _reap_orphans():
         anomaly = "processes left by the program would not die"
     if job.workdir_left and not _remove_dir(os.path.join(base, WORKDIR)):
         anomaly = anomaly or "could not remove the program's work folder"
     status = "timeout" if job.timed_out else "output_limit" if job.output_limit else None
-    status, returncode, anomaly = _finish(status, job.wstatus, job.cpu_s, float(cfg["cpu_s"]), anomaly)
+    status, returncode, anomaly = _finish(status, job.wstatus, job.cpu_s, job.cpu_kill, anomaly)
     err = ctypes.string_at(job.err_buf, job.err_len)[-STDERR_TAIL_BYTES:]
     return {
         "status": status,
@@ -1152,12 +1234,25 @@ def main() -> None:
             if not _send(wfd, _error_response(e, None)):
                 return
             continue
-        for req in requests:
-            resp = _serve(req, cfg, base)
+        i = 0
+        while i < len(requests):
+            if _NATIVE is not None and _native_ok(requests[i]):  # a stretch of single runs: in C
+                j = i + 1
+                while j < len(requests) and _native_ok(requests[j]):
+                    j += 1
+                go_on = _serve_native(requests[i:j], cfg, base, wfd)
+                if go_on is None:
+                    return
+                if not go_on:  # an anomaly: the rest of the chunk goes to a fresh server
+                    break
+                i = j
+                continue
+            resp = _serve(requests[i], cfg, base)
             if not _send(wfd, resp):
                 return
             if resp["anomaly"]:  # the rest of the chunk goes to a fresh server
                 break
+            i += 1
 
 
 def _serve(req, cfg: dict, base: str) -> dict:
