@@ -1,8 +1,9 @@
 """A sandbox server: a warm Python process that forks one fresh child per program.
 
 Started by :class:`coderlplus.execution.sandbox.Sandbox` as
-``python -s -S -c <this file> CONFIG_JSON`` (inside bubblewrap, see
-``isolation.py``) or ``python -s -c ...`` (plain), with a scrubbed environment. It
+``python -s -S -c BOOTSTRAP CONFIG_JSON`` (inside bubblewrap, see ``isolation.py``) or
+``python -s -c ...`` (plain), with a scrubbed environment; the bootstrap reads this
+file's code, compiled and marshalled by the parent, from stdin and runs it. It
 imports nothing from ``coderlplus``: it is a plain script, so that it starts fast
 and the programs it forks see a small interpreter.
 
@@ -74,8 +75,9 @@ STACK_BYTES = 64 * 1024 * 1024  # main-thread stack, for deep recursion
 STDERR_TAIL_BYTES = 8192  # how much of stderr comes back (the end of it)
 READ_CHUNK = 65536
 TRACE_CAP_BYTES = 4 << 20  # the largest trace that comes back
-ORPHAN_KILL_BUDGET_S = 2.0
-WORKDIR = "program"  # each program's cwd/HOME/TMPDIR: <base>/program, made empty for each one  # the longest we spend killing what a program left behind
+ORPHAN_KILL_BUDGET_S = 2.0  # the longest we spend killing what a program left behind
+PROGRAM_FILE = "program.py"  # the programs' code objects' file name (tracebacks, the tracer)
+WORKDIR = "program"  # each program's cwd/HOME/TMPDIR: <base>/program, made empty for each one
 
 # Imported once here so that programs using them start fast (the child is a fork). Not
 # more: every preloaded page makes each fork dearer (page tables, copy-on-write faults).
@@ -204,7 +206,7 @@ def _exit_code(e: SystemExit) -> int:
 
 def _run_program(code: str, module: types.ModuleType, tracer=None) -> int:
     try:
-        compiled = compile(code, "<program>", "exec")
+        compiled = compile(code, PROGRAM_FILE, "exec")
         if tracer is not None:
             tracer.install()
         try:
@@ -426,15 +428,15 @@ class _Tracer:
         if (
             event == "return"
             and frame.f_code.co_name == self.o["entry"]
-            and frame.f_code.co_filename == "<program>"
+            and frame.f_code.co_filename == PROGRAM_FILE
             and frame.f_back is not None
             and frame.f_back.f_code.co_name == "<module>"
-            and frame.f_back.f_code.co_filename == "<program>"
+            and frame.f_back.f_code.co_filename == PROGRAM_FILE
         ):
             self.entry_locals, self.entry_dropped = _convert(frame.f_locals, self.o)
 
     def _global_trace(self, frame, event, arg):
-        if frame.f_code.co_filename != "<program>" or self.truncated:
+        if frame.f_code.co_filename != PROGRAM_FILE or self.truncated:
             return None
         state = {"line": frame.f_code.co_firstlineno, "prev": {}}
 
@@ -494,6 +496,8 @@ def _write_trace(fd: int, tracer: _Tracer, module: types.ModuleType) -> None:
 # program): a stream object only remembers its fd number, and the child dup2()s its own
 # stdin/stdout/stderr onto these numbers.
 _STDIO: tuple = ()
+_MAIN: types.ModuleType | None = None  # the first run's __main__ in every child (see _one_run)
+_SOURCE = ""  # the program this child runs (see _program_source)
 _LIMITS: list = []  # see _limits
 _CPU_S = 0  # the CPU seconds of one run
 _RECURSION_LIMIT = 1000  # the interpreter's, restored between the runs of a batch
@@ -567,7 +571,7 @@ def _child(code, stdins, out_w, err_w, trace_w, ctl_w, ack_r, trace_opts, workdi
                 _next_run(stdin, workdir)
             except BaseException:
                 os._exit(EXIT_SETUP)
-        rc = _one_run(code, tracer)
+        rc = _one_run(code, tracer, _MAIN if i == 0 else None)
         # Threads end a batch: the interpreter's thread shutdown has run and cannot run twice
         # (threads, executors, their at-exit hooks); the next runs go to a fresh child.
         if i == last or rc == EXIT_MEMORY or "threading" in sys.modules:
@@ -580,12 +584,21 @@ def _child(code, stdins, out_w, err_w, trace_w, ctl_w, ack_r, trace_opts, workdi
             os._exit(rc)
 
 
-def _one_run(code: str, tracer=None) -> int:
-    """Run the program once in a fresh ``__main__``, flush its streams; its exit code."""
-    atexit._clear()
+def _new_main() -> types.ModuleType:
+    """A fresh, empty ``__main__`` module, installed in ``sys.modules``."""
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
+    return main
+
+
+def _one_run(code: str, tracer=None, main: types.ModuleType | None = None) -> int:
+    """Run the program once in ``main`` (default: a new ``__main__``), flush its streams;
+    its exit code. A child's first run uses ``_MAIN``: made once by the server and never
+    touched there, so every forked child starts from an empty copy of it, for free."""
+    atexit._clear()
+    if main is None:
+        main = _new_main()
     rc = _run_program(code, main, tracer)
     for f in (sys.stdout, _STDIO[1], sys.stderr, _STDIO[2]):
         try:  # noqa: SIM105 - a plain try costs the child less than contextlib.suppress
@@ -599,9 +612,21 @@ def _one_run(code: str, tracer=None) -> int:
 
 
 def _cache_lines(code: str) -> None:
-    linecache = sys.modules.get("linecache")
-    if linecache is not None:  # so that tracebacks show the program's lines
-        linecache.cache["<program>"] = (len(code), None, code.splitlines(True), "<program>")
+    """Make ``code`` the source linecache gives for PROGRAM_FILE (see _program_source)."""
+    global _SOURCE
+    _SOURCE = code
+
+
+def _program_source() -> str:
+    """linecache's lazy loader for PROGRAM_FILE (installed by the server, once).
+
+    Tracebacks, ``warnings`` and ``inspect.getsource`` read a program's lines through
+    linecache. The server puts a lazy entry there (a 1-tuple holding this function), so a
+    child only sets ``_SOURCE``: splitting and caching the lines, which allocates and so
+    copies pages, happens only when something asks for them. (linecache skips lazy
+    entries for names like "<program>": hence a file name, which does not exist.)
+    """
+    return _SOURCE
 
 
 def _set_stdin(stdin: str) -> None:
@@ -1108,7 +1133,7 @@ def _native_child(code: str) -> None:
         _cache_lines(code)
     except BaseException:
         os._exit(EXIT_SETUP)
-    os._exit(_one_run(code))
+    os._exit(_one_run(code, None, _MAIN))
 
 
 def _native_response(job: _Job, cfg: dict, base: str) -> dict:
@@ -1302,6 +1327,9 @@ def _preload() -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
+    linecache = sys.modules.get("linecache")
+    if linecache is not None:  # the programs' source, read when asked for (see _program_source)
+        linecache.cache[PROGRAM_FILE] = (_program_source,)
 
 
 def _prepare_for_children(base: str) -> None:
@@ -1310,6 +1338,8 @@ def _prepare_for_children(base: str) -> None:
     os.environ["HOME"] = workdir
     os.environ["TMPDIR"] = workdir
     sys.argv = ["<program>"]
+    global _MAIN
+    _MAIN = _new_main()  # (see _one_run); the server's own globals stay those of its functions
     sys.path.insert(0, workdir)  # programs may import modules they wrote into their folder
     sys.stdin, sys.stdout, sys.stderr = _STDIO  # the server itself writes to raw fds only
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
@@ -1337,9 +1367,10 @@ def _send(fd: int, message: dict) -> bool:
 
 
 if __name__ == "__main__":
+    _base = json.loads(sys.argv[1])["base"]  # (main() replaces sys.argv with the programs')
     try:
         main()
     finally:  # also when the trainer died without stopping us
         import shutil
 
-        shutil.rmtree(json.loads(sys.argv[1])["base"], ignore_errors=True)
+        shutil.rmtree(_base, ignore_errors=True)

