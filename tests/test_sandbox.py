@@ -437,3 +437,37 @@ def test_a_long_stretch_of_single_runs_keeps_order_through_hand_backs():
         assert [(r.status, r.stdout) for r in results] == expected
         assert sb.stats["anomalies"] == 0 and sb.stats["restarts"] == 0
         assert sb.run("import os; print(sorted(os.listdir('.')))").stdout == "[]\n"  # folders emptied
+
+
+def test_a_server_does_not_grow_over_thousands_of_programs():
+    """What the server keeps per program (answers, buffers, frames) is freed: its resident
+    memory after 1,500 more programs (output, errors, big stderr) stays where it was."""
+    mixed = [
+        ("print(sum(range(100)))", ""),
+        ("import sys\nprint(input() * 3, file=sys.stderr)\nprint('x' * 5000)", "ab"),
+        ("1/0", ""),
+        ("import sys\nsys.stderr.write('e' * 20000)", ""),
+        ("import sys\nsys.stdout.buffer.write(b'\\xff' * 100)", ""),
+    ] * 100
+
+    def server_kb(sb: Sandbox) -> int:
+        sizes = []
+        for pid in sb.processes():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"python" not in f.read().split(b"\0")[0]:  # the interpreter, not bwrap
+                        continue
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    sizes.append(next(int(line.split()[1]) for line in f if line.startswith("Rss:")))
+            except (OSError, StopIteration):
+                continue
+        assert len(sizes) == 1, sizes  # the one server (programs are gone)
+        return sizes[0]
+
+    with Sandbox(timeout_s=TIMEOUT_S, workers=1, isolation="bwrap", require_isolation=True) as sb:
+        sb.run_many(mixed)
+        before = server_kb(sb)
+        for _ in range(3):
+            results = sb.run_many(mixed)
+        assert [r.status for r in results[:5]] == ["ok", "ok", "error", "ok", "ok"]
+        assert server_kb(sb) - before < 256, (before, server_kb(sb))

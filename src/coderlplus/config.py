@@ -165,8 +165,8 @@ class ExecutionConfig:
     """If bwrap cannot start: false = fall back to rlimit with a loud warning, true = error."""
     tmp_mb: int = 64
     """Size of each bwrap server's private /tmp (what programs may write)."""
-    recycle_after: int = 2000
-    """Replace a sandbox server by a fresh one after this many programs."""
+    recycle_after: int = 10000
+    """Replace a sandbox server by a fresh one after this many programs (see Sandbox)."""
     site_packages: bool = False
     """Let programs import the trainer's site-packages (read-only); default: stdlib only."""
     batch_tests: bool = True

@@ -567,7 +567,10 @@ class Sandbox:
         require_isolation: with ``"bwrap"``, raise :class:`SandboxUnavailable` instead of
             falling back to ``"rlimit"`` when bwrap cannot start.
         tmp_mb: size of each bwrap server's private ``/tmp`` (the programs' files).
-        recycle_after: replace a server by a fresh one after this many programs.
+        recycle_after: replace a server by a fresh one after this many programs. A restart
+            costs ~70 ms of CPU and stalls its worker ~0.1 s (~2.5 % of the pool's time at
+            2,000 on 2 cores); the server runs no program code and its memory does not grow
+            (+20 kB over 19,000 programs, 2026-11-27), so 10,000 by default.
         site_packages: let programs import the trainer's site-packages (read-only).
         batch_tests: in :meth:`check`/:meth:`check_many`, run a program's stdin/stdout
             tests one after another in one child process (a fresh ``__main__``, stdin,
@@ -590,7 +593,7 @@ class Sandbox:
         isolation: str = "bwrap",
         require_isolation: bool = False,
         tmp_mb: int = 64,
-        recycle_after: int = 2000,
+        recycle_after: int = 10000,
         site_packages: bool = False,
         batch_tests: bool = True,
         native: bool = True,
