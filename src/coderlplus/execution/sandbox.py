@@ -77,12 +77,15 @@ trainer's user may read and write its files, credentials included), other
 processes of the user; a program running as root may raise its own rlimits (the
 wall-clock timeout is still enforced from outside).
 
-**Native fork loop** (``native=True``, the default): a single run's fork, the child's
-set-up and the server's collection of its output are C (``forkrun.c``, compiled on first
-use by :mod:`coderlplus.cbuild` and sent to the servers in their config), since after a
-fork every page either process writes costs a page fault, and the Python version of that
-work touched ~230 pages per program. Same results; batches and traces, or a machine
-without a C compiler, use the Python version (``Sandbox.native`` says which one runs).
+**Native fork loop** (``native=True``, the default): the servers run stretches of single
+programs in C (``forkrun.c``, compiled on first use by :mod:`coderlplus.cbuild` and sent
+to the servers in their config): fork, the child's set-up, the collection of its output
+and the answer, with no Python in the server between two forks. After a fork every page
+either process writes costs a page fault; the Python loop touched ~170 pages of the
+server per program, the C one ~15. Same results; batches of stdin tests, traces, a run
+whose answer needs Python (files or processes left behind, output that is not UTF-8), or
+a machine without a C compiler use the Python loop (``Sandbox.native`` says whether the
+servers have the C one).
 
 Linux only (``fork``, ``pidfd_open``, ``prctl``; without pidfd it polls).
 """
