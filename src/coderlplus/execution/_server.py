@@ -791,9 +791,10 @@ _running_child = 0  # pid of the program running now (0: none)
 
 
 def run_one(code: str, stdin: str, cfg: dict, base: str, trace_opts: dict | None = None) -> dict:
-    """Run ``code`` on ``stdin`` in a fresh child; the response dict (see the protocol)."""
-    if _NATIVE is not None and trace_opts is None:
-        return _run_native(code, stdin, cfg, base)
+    """Run ``code`` on ``stdin`` in a fresh child; the response dict (see the protocol).
+
+    The Python loop: the main loop sends stretches of single runs to ``_serve_native``
+    when the C loop is loaded; traces and malformed requests come here."""
     return _run_child(code, [stdin], cfg, base, trace_opts)[0]
 
 
@@ -1004,6 +1005,10 @@ class _Job(ctypes.Structure):  # forkrun.c's fr_job, field for field
     ]
 
 
+class _Req(ctypes.Structure):  # forkrun.c's fr_req
+    _fields_ = [("stdin_data", ctypes.c_char_p), ("stdin_len", ctypes.c_long)]
+
+
 _NATIVE = None  # (the library, the job fr_serve fills) once _load_native succeeded
 
 
@@ -1055,10 +1060,6 @@ def _load_native(cfg: dict, base: str) -> str | None:
         return f"{type(e).__name__}: {e}"
     _NATIVE = (lib, job)
     return None
-
-
-class _Req(ctypes.Structure):  # forkrun.c's fr_req
-    _fields_ = [("stdin_data", ctypes.c_char_p), ("stdin_len", ctypes.c_long)]
 
 
 _FR_DONE, _FR_CHILD, _FR_PYTHON, _FR_GONE = 0, 1, 2, 3  # fr_serve's answers
@@ -1116,23 +1117,9 @@ def _serve_native(requests: list, cfg: dict, base: str, wfd: int) -> bool | None
     return True
 
 
-def _run_native(code: str, stdin: str, cfg: dict, base: str) -> dict:
-    """``run_one`` without a trace, through forkrun.c (same results as ``_run_child``)."""
-    lib, job = _NATIVE
-    rc = lib.fr_serve(ctypes.byref(job), _requests_array([{"stdin": stdin}]), 0, 1, -1)
-    if rc == _FR_CHILD:
-        _native_child(code)
-    if rc < 0:
-        raise OSError(-rc, f"forkrun: {os.strerror(-rc)}")
-    return _native_response(job, cfg, base)
-
-
 def _native_child(code: str) -> None:
     """In the child fr_serve set up: run the program; never returns."""
-    try:
-        _cache_lines(code)
-    except BaseException:
-        os._exit(EXIT_SETUP)
+    _cache_lines(code)
     os._exit(_one_run(code, None, _MAIN))
 
 

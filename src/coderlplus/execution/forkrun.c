@@ -177,7 +177,7 @@ static int exited_nowait(int pid) {
 /* Returns 0 in the child (ready to run the program), the child's pid in the parent once
  * everything is collected, or -errno when the child could not be started (or -EINTR: a
  * signal handler raised). */
-int fr_run(fr_job *job) {
+static int fr_run(fr_job *job) {
     job->out_len = job->out_total = job->err_len = job->err_total = 0;
     job->pid = job->wstatus = job->timed_out = job->output_limit = 0;
     job->others_left = job->workdir_left = 0;
@@ -409,7 +409,6 @@ int fr_serve(fr_job *job, const fr_req *reqs, int start, int n, int wfd) {
         int st = job->wstatus;
         if (job->others_left || job->workdir_left || (WIFEXITED(st) && WEXITSTATUS(st) == FR_EXIT_SETUP))
             return FR_PYTHON;
-        if (wfd < 0) return FR_PYTHON; /* _server.run_one: Python makes the answer */
         int sent = send_answer(job, wfd);
         if (sent < 0) return FR_GONE;
         if (sent > 0) return FR_PYTHON;

